@@ -1,0 +1,81 @@
+"""Load and save dispatch: DICOM (file, folder, DICOMDIR, enhanced multi-frame), NIfTI, MHA/NRRD."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import InputError, OutputError
+from ..volume import Volume
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    for s in NIFTI_SUFFIXES[::-1] + SITK_SUFFIXES:
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+def load(path: str | os.PathLike) -> list[Volume]:
+    """Read a file or folder into Volumes, one per image series, the main series first.
+
+    Accepts a DICOM file, a folder of DICOM files (recursive, DICOMDIR or not), an enhanced
+    multi-frame DICOM, ``.nii``/``.nii.gz``, ``.mha``/``.mhd``/``.nrrd``.
+
+    Raises:
+        InputError: the path does not exist, holds nothing readable, or is corrupt.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError("no such file or folder", path)
+    suffix = _suffix(path)
+    if path.is_file() and suffix in NIFTI_SUFFIXES:
+        from .nifti import read_nifti
+
+        return [read_nifti(path)]
+    if path.is_file() and suffix in SITK_SUFFIXES:
+        from .nifti import read_sitk
+
+        return [read_sitk(path)]
+    from .dicom_read import read_dicom
+
+    return read_dicom(path)
+
+
+def save(volume: Volume, path: str | os.PathLike, format: str | None = None,
+         overwrite: bool = False, **kwargs) -> Path:
+    """Write ``volume`` to ``path``; the format follows the suffix or ``format``.
+
+    ``.nii``/``.nii.gz``/``.mha``/``.nrrd`` by suffix; a path without a suffix, an existing
+    folder, or ``format="dicom"`` writes a DICOM series (one file per slice) into that folder.
+    Extra keyword arguments go to the DICOM writer (``series_description``, ``modality``, ...).
+    The write is atomic; an existing target is replaced only with ``overwrite=True``.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    suffix = _suffix(path)
+    fmt = (format or "").lower() or (
+        "nifti" if suffix in NIFTI_SUFFIXES else "sitk" if suffix in SITK_SUFFIXES
+        else "dicom" if suffix in ("", ".dcm") or path.is_dir() else ""
+    )
+    if fmt == "nifti":
+        from .nifti import write_nifti
+
+        return write_nifti(volume, path, overwrite=overwrite)
+    if fmt == "sitk":
+        from .nifti import write_sitk
+
+        return write_sitk(volume, path, overwrite=overwrite)
+    if fmt == "dicom":
+        from .dicom_write import write_dicom_series
+
+        return write_dicom_series(volume, path, overwrite=overwrite, **kwargs)
+    raise OutputError(f"unknown output format {format or suffix!r}; use .nii, .nii.gz, .mha, .nrrd or a folder for DICOM", path)
+
+
+__all__ = ["load", "save"]

@@ -1,0 +1,91 @@
+"""Atomic outputs: write into a temporary sibling, then rename into place.
+
+A failure (exception, full disk, SIGKILL) leaves either the complete target or nothing: the
+temporary sibling is named ``.<name>.partial-<random>`` and is removed on error.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from ..errors import OutputError
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise OutputError("exists already; pass overwrite=True (--overwrite) to replace it", target)
+    parent = target.parent
+    if not parent.exists():
+        try:
+            parent.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the parent folder: {exc.strerror or exc}", parent) from None
+    if not os.access(parent, os.W_OK):
+        raise OutputError("folder is not writable", parent)
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    if target.is_dir() and not target.is_symlink():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it becomes ``target`` in one rename."""
+    target = Path(target)
+    _check_target(target, overwrite)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write here: {exc.strerror or exc}", target.parent) from None
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        _replace(tmp, target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"writing failed, nothing was left behind: {exc.strerror or exc}", target) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary file path (same suffixes as ``target``); on success it is renamed."""
+    target = Path(target)
+    _check_target(target, overwrite)
+    suffix = "".join(target.suffixes)
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", suffix=suffix, dir=target.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"cannot write here: {exc.strerror or exc}", target.parent) from None
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"writing failed, nothing was left behind: {exc.strerror or exc}", target) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())

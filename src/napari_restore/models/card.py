@@ -1,0 +1,149 @@
+"""The model card: a JSON file that says what a weights file is and how to use it.
+
+Schema (``card.json``, format_version 1; unknown keys are kept in ``extra``)::
+
+    {
+      "format_version": 1,
+      "name": "ct-denoise-2d",            # str, [A-Za-z0-9._-]+, unique among installed models
+      "version": "0.1.0",                 # str, dotted numbers; the higher wins when choosing
+      "task": "denoise",                  # "denoise" | "deblur" | "enhance" | "restore"
+      "modality": "CT",                   # "CT" | "MR" | "any"
+      "dims": 2,                          # 2: slice by slice (mode "2d"), 3: sliding window ("3d")
+      "architecture": {                   # only whitelisted names (networks.ARCHITECTURES)
+        "name": "ResidualUNet",
+        "args": {"spatial_dims": 2, "channels": [16, 32, 64, 128], "strides": [2, 2, 2],
+                 "num_res_units": 0, "norm": "batch", "act": "PRELU", "dropout": 0.0,
+                 "kernel_size": 3, "up_kernel_size": 3}
+      },
+      "intensity": {"kind": "ct", "center": 0.0, "scale": 512.0, "clip": [-1024, 3071]},
+                                          # see napari_restore.intensity
+      "patch_size": [64, 128, 128],       # optional: default tile for 3-D sliding window (z, y, x)
+      "training_data": ["..."],           # str or list of str: what it was trained on (+ licences)
+      "metrics": {"psnr_gain_db": 0.7},   # free-form dict of numbers measured on held-out data
+      "description": "...", "license": "...", "created": "2025-01-01T00:00:00Z"   # optional
+    }
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+from ..intensity import validate_spec
+
+TASKS = ("denoise", "deblur", "enhance", "restore")
+MODALITIES = ("CT", "MR", "any")
+FORMAT_VERSION = 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_KNOWN = {"format_version", "name", "version", "task", "modality", "dims", "architecture", "intensity",
+          "patch_size", "training_data", "metrics", "description", "license", "created"}
+
+
+@dataclass
+class ModelCard:
+    """A validated model card. ``path`` (the weights file) and ``source`` are not serialised."""
+
+    name: str
+    version: str
+    task: str
+    modality: str
+    dims: int
+    architecture: dict[str, Any]
+    intensity: dict[str, Any]
+    training_data: Any = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    license: str = ""
+    created: str = ""
+    patch_size: list[int] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    path: Path | None = field(default=None, compare=False, repr=False)
+    source: str = field(default="", compare=False)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str | Path | None = None) -> "ModelCard":
+        """Validate a card dict. Raises :class:`ModelError` naming ``where`` and the problem."""
+        def bad(msg: str) -> ModelError:
+            return ModelError(f"invalid model card: {msg}", where)
+
+        if not isinstance(data, dict):
+            raise bad(f"expected a JSON object, got {type(data).__name__}")
+        missing = [k for k in ("name", "version", "task", "modality", "dims", "architecture", "intensity")
+                   if k not in data]
+        if missing:
+            raise bad(f"missing field(s) {missing}")
+        if int(data.get("format_version", FORMAT_VERSION)) > FORMAT_VERSION:
+            raise bad(f"format_version {data['format_version']} is newer than this napari-restore reads ({FORMAT_VERSION})")
+        name = data["name"]
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise bad(f"name {name!r} must match {_NAME_RE.pattern}")
+        if data["task"] not in TASKS:
+            raise bad(f"task {data['task']!r} is not one of {TASKS}")
+        modality = data["modality"] if data["modality"] == "any" else str(data["modality"]).upper()
+        if modality not in MODALITIES:
+            raise bad(f"modality {data['modality']!r} is not one of {MODALITIES}")
+        if data["dims"] not in (2, 3):
+            raise bad(f"dims must be 2 or 3, got {data['dims']!r}")
+        arch = data["architecture"]
+        if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or not isinstance(arch.get("args", {}), dict):
+            raise bad('architecture must be {"name": str, "args": {...}}')
+        from ..networks import ARCHITECTURES
+
+        if arch["name"] not in ARCHITECTURES:
+            raise bad(f"unknown architecture {arch['name']!r}; only {sorted(ARCHITECTURES)} can be loaded")
+        sd = arch.get("args", {}).get("spatial_dims", data["dims"])
+        if sd != data["dims"]:
+            raise bad(f"dims={data['dims']} but the architecture has spatial_dims={sd}")
+        intensity = validate_spec(data["intensity"], source=str(where or "card"))
+        patch = data.get("patch_size")
+        if patch is not None and (not isinstance(patch, list) or len(patch) != data["dims"]
+                                  or not all(isinstance(p, int) and p > 0 for p in patch)):
+            raise bad(f"patch_size must be a list of {data['dims']} positive ints, got {patch!r}")
+        metrics = data.get("metrics", {})
+        if not isinstance(metrics, dict):
+            raise bad("metrics must be a JSON object")
+        return cls(
+            name=name, version=str(data["version"]), task=data["task"], modality=modality,
+            dims=int(data["dims"]), architecture={"name": arch["name"], "args": dict(arch.get("args", {}))},
+            intensity=intensity, training_data=data.get("training_data", ""), metrics=metrics,
+            description=str(data.get("description", "")), license=str(data.get("license", "")),
+            created=str(data.get("created", "")), patch_size=patch,
+            extra={k: v for k, v in data.items() if k not in _KNOWN},
+        )
+
+    @classmethod
+    def read(cls, path: str | Path) -> "ModelCard":
+        """Read and validate a ``card.json``."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ModelError("model card not found", path) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"model card is not readable JSON ({exc})", path) from None
+        return cls.from_dict(data, path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict (``path`` and ``source`` left out)."""
+        out = {
+            "format_version": self.format_version, "name": self.name, "version": self.version,
+            "task": self.task, "modality": self.modality, "dims": self.dims,
+            "architecture": self.architecture, "intensity": self.intensity,
+            "training_data": self.training_data, "metrics": self.metrics,
+            "description": self.description, "license": self.license, "created": self.created,
+        }
+        if self.patch_size is not None:
+            out["patch_size"] = self.patch_size
+        out.update(self.extra)
+        return out
+
+    def version_key(self) -> tuple[int, ...]:
+        """``"1.10.2"`` -> ``(1, 10, 2)``; non-numeric parts count as 0."""
+        return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.\-+]", self.version))
+
+
+__all__ = ["ModelCard", "TASKS", "MODALITIES", "FORMAT_VERSION"]

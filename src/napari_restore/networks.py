@@ -1,0 +1,176 @@
+"""Residual U-Nets (2D and 3D) on MONAI building blocks.
+
+The only architecture a model card may name is ``"ResidualUNet"`` (:data:`ARCHITECTURES`): a
+MONAI :class:`monai.networks.nets.UNet` used as the *residual branch* ``f`` of
+
+    output = input + f(input)
+
+- linear output (MONAI's top layer is ``conv_only``), one channel in, one channel out;
+- the last layer(s) of ``f`` start at zero, so an untrained network is exactly the identity;
+- normalisation is batch norm or none: in eval mode batch norm is a fixed per-channel affine map,
+  so tiled and whole-slice results agree (instance/layer/group norm are refused);
+- any spatial size works: the input is padded (reflect, or replicate when too small) to a
+  multiple of the total stride and the output cropped back.
+
+The default 2-D network (:data:`DEFAULT_2D`) is small on purpose: about 28 ms per 512x512
+slice on 2 CPU threads (measured with torch 2.13, MONAI 1.6), ~21 ms after
+:func:`prepare_for_inference` folds batch norm into the convolutions.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ModelError
+
+#: Default arguments of the 2-D residual U-Net (channels 16-128, three stride-2 levels).
+DEFAULT_2D: dict[str, Any] = {
+    "spatial_dims": 2, "channels": [16, 32, 64, 128], "strides": [2, 2, 2],
+    "num_res_units": 0, "norm": "batch", "act": "PRELU", "dropout": 0.0,
+    "kernel_size": 3, "up_kernel_size": 3,
+}
+#: Default arguments of the 3-D residual U-Net.
+DEFAULT_3D: dict[str, Any] = {**DEFAULT_2D, "spatial_dims": 3, "channels": [16, 32, 64], "strides": [2, 2]}
+
+_ALLOWED_NORMS = {None, "batch"}
+
+
+class ResidualUNet(nn.Module):
+    """``y = x + f(x)`` with ``f`` a MONAI UNet whose last layer starts at zero.
+
+    Args:
+        spatial_dims: 2 (input ``(B, 1, H, W)``) or 3 (input ``(B, 1, D, H, W)``).
+        channels, strides, num_res_units, kernel_size, up_kernel_size, act, dropout: as for
+            :class:`monai.networks.nets.UNet`.
+        norm: ``"batch"`` or ``None``. Per-sample norms (instance, layer, group) are refused:
+            they make tiled and whole-image results differ.
+
+    Input and output are float tensors in the model's normalised intensity units; any spatial
+    size is accepted.
+    """
+
+    def __init__(self, spatial_dims: int = 2, channels=(16, 32, 64, 128), strides=(2, 2, 2),
+                 num_res_units: int = 0, norm: str | None = "batch", act: str = "PRELU",
+                 dropout: float = 0.0, kernel_size: int = 3, up_kernel_size: int = 3):
+        super().__init__()
+        from monai.networks.nets import UNet
+
+        norm_name = norm.lower() if isinstance(norm, str) else norm
+        if norm_name not in _ALLOWED_NORMS:
+            raise ModelError(f"ResidualUNet: norm={norm!r} is not allowed; use 'batch' or None "
+                             "(per-sample norms make tiled and whole results differ)")
+        if spatial_dims not in (2, 3):
+            raise ModelError(f"ResidualUNet: spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        channels, strides = [int(c) for c in channels], [int(s) for s in strides]
+        if len(channels) < 2 or len(strides) != len(channels) - 1 or min(channels) < 1 or min(strides) < 1:
+            raise ModelError(f"ResidualUNet: need len(strides) == len(channels) - 1 >= 1, got "
+                             f"channels={channels}, strides={strides}")
+        if not isinstance(act, str):
+            raise ModelError(f"ResidualUNet: act must be a MONAI activation name, got {act!r}")
+        self.config: dict[str, Any] = {
+            "spatial_dims": int(spatial_dims), "channels": channels, "strides": strides,
+            "num_res_units": int(num_res_units), "norm": norm_name, "act": act,
+            "dropout": float(dropout), "kernel_size": int(kernel_size), "up_kernel_size": int(up_kernel_size),
+        }
+        self.spatial_dims = int(spatial_dims)
+        self.multiple = int(math.prod(strides))
+        self.branch = UNet(
+            spatial_dims=spatial_dims, in_channels=1, out_channels=1, channels=channels,
+            strides=strides, num_res_units=int(num_res_units), norm=norm_name or (), act=act,
+            dropout=float(dropout), kernel_size=int(kernel_size), up_kernel_size=int(up_kernel_size),
+        )
+        zero_last_layer(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``(B, 1, *spatial)``; returns the same shape, ``x + f(x)``."""
+        spatial = x.shape[2:]
+        pads: list[int] = []
+        for size in reversed(spatial):  # F.pad wants the last axis first
+            extra = (-size) % self.multiple
+            pads += [extra // 2, extra - extra // 2]
+        if any(pads):
+            small = any(max(pads[2 * i], pads[2 * i + 1]) >= s for i, s in enumerate(reversed(spatial)))
+            xp = F.pad(x, pads, mode="replicate" if small else "reflect")
+            r = self.branch(xp)
+            crop = tuple(slice(pads[2 * i], pads[2 * i] + s) for i, s in enumerate(reversed(spatial)))
+            r = r[(Ellipsis, *reversed(crop))]
+        else:
+            r = self.branch(x)
+        return x + r.to(x.dtype)
+
+
+def zero_last_layer(net: ResidualUNet) -> None:
+    """Zero the output layer(s) of the residual branch, so that ``net`` is the identity."""
+    top_up = net.branch.model[-1]
+    if net.config["num_res_units"] == 0:
+        layers = [top_up.conv]
+    else:  # transposed conv (+ norm/act) then a residual unit ending in a plain conv
+        layers = [top_up[0].conv, list(top_up[1].conv.modules())[-1]]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.zero_()
+            if layer.bias is not None:
+                layer.bias.zero_()
+
+
+#: The whitelist of architectures a model card may name.
+ARCHITECTURES: dict[str, type[nn.Module]] = {"ResidualUNet": ResidualUNet}
+
+
+def build_network(name: str = "ResidualUNet", args: dict[str, Any] | None = None, **kwargs) -> nn.Module:
+    """Build a whitelisted architecture by name.
+
+    Args:
+        name: a key of :data:`ARCHITECTURES`.
+        args: constructor arguments (as stored in a model card); ``kwargs`` are merged in.
+            With neither, the 2-D default :data:`DEFAULT_2D`.
+
+    Raises:
+        ModelError: unknown architecture or arguments it does not accept.
+    """
+    if name not in ARCHITECTURES:
+        raise ModelError(f"unknown architecture {name!r}; only {sorted(ARCHITECTURES)} can be built")
+    merged = dict(DEFAULT_2D if args is None and not kwargs else {})
+    merged.update(args or {})
+    merged.update(kwargs)
+    try:
+        return ARCHITECTURES[name](**merged)
+    except ModelError:
+        raise
+    except Exception as exc:  # TypeError (unknown argument), ValueError from MONAI, ...
+        raise ModelError(f"cannot build {name} with arguments {merged}: {exc}") from None
+
+
+def network_spec(net: nn.Module) -> dict[str, Any]:
+    """``{"name": ..., "args": {...}}`` of a whitelisted network, as stored in a model card."""
+    for name, cls in ARCHITECTURES.items():
+        if type(net) is cls:
+            return {"name": name, "args": copy.deepcopy(net.config)}
+    raise ModelError(f"{type(net).__name__} is not a whitelisted architecture ({sorted(ARCHITECTURES)})")
+
+
+def prepare_for_inference(net: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``net`` with batch norm folded into the preceding convolution.
+
+    Numerically the same function as ``net.eval()`` (up to float rounding), ~25 % faster on CPU.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    net = copy.deepcopy(net).eval()
+    for module in net.modules():
+        conv, adn = getattr(module, "conv", None), getattr(module, "adn", None)
+        norm = getattr(adn, "N", None) if adn is not None else None
+        if isinstance(conv, nn.modules.conv._ConvNd) and isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            if norm.track_running_stats and norm.running_mean is not None:
+                module.conv = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
+                adn.N = nn.Identity()
+    return net
+
+
+__all__ = ["ResidualUNet", "ARCHITECTURES", "DEFAULT_2D", "DEFAULT_3D", "build_network",
+           "network_spec", "prepare_for_inference", "zero_last_layer"]

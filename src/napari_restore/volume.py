@@ -1,0 +1,164 @@
+"""`Volume`: a float32 image in physical units with its patient geometry.
+
+Geometry convention (see DESIGN.md):
+- ``array`` axes are ``(z, y, x)`` = (slice, row, column); a 4-D series is ``(t, z, y, x)``.
+- ``affine`` (4x4, float64) maps the voxel index ``(k, j, i, 1)`` to patient LPS millimetres.
+- In napari, world coordinates are patient millimetres in (S, P, L) order: the LPS triple
+  reversed, to match numpy's ``(z, y, x)``.
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import InputError
+
+#: Key under which a layer's ``metadata`` carries the napari-restore record.
+LAYER_META_KEY = "napari_restore"
+
+# Reverses the order of LPS rows -> (S, P, L), the napari world order.
+_LPS_TO_SPL = np.array(
+    [[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64
+)
+
+
+@dataclass
+class Volume:
+    """A 3-D (or 4-D, time first) image with its geometry and provenance.
+
+    Attributes:
+        array: float32 array ``(z, y, x)`` or ``(t, z, y, x)``, in physical units (HU for CT).
+        affine: 4x4 matrix, voxel index ``(k, j, i, 1)`` -> patient LPS mm.
+        modality: DICOM modality code (``"CT"``, ``"MR"``, ...), ``"OT"`` when unknown.
+        meta: free-form record. Known keys: ``source_path``, ``series_uid``, ``description``,
+            ``dicom`` (per-slice source headers, for export), ``window`` ((center, width)),
+            ``provenance`` (list of dicts, one per step), ``warnings`` (list of str),
+            ``slice_spacing_nonuniform`` (bool).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    modality: str = "OT"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.array = np.asarray(self.array)
+        if self.array.dtype != np.float32:
+            self.array = self.array.astype(np.float32)
+        if self.array.ndim not in (3, 4):
+            raise InputError(f"a Volume is 3-D (z, y, x) or 4-D (t, z, y, x), got shape {self.array.shape}")
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        if self.affine.shape != (4, 4) or not np.all(np.isfinite(self.affine)):
+            raise InputError(f"affine must be a finite 4x4 matrix, got {self.affine!r}")
+        if abs(np.linalg.det(self.affine[:3, :3])) < 1e-12:
+            raise InputError("affine is singular (zero spacing or degenerate orientation)")
+        self.modality = (self.modality or "OT").upper()
+
+    # ------------------------------------------------------------------ geometry
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        """``(nz, ny, nx)``."""
+        return tuple(int(s) for s in self.array.shape[-3:])  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel step lengths in mm along ``(z, y, x)``: the norms of the affine's columns.
+
+        For a gantry tilt the z step includes the shear; the distance between slice planes is
+        :attr:`slice_distance`.
+        """
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def slice_distance(self) -> float:
+        """Distance in mm between neighbouring slice planes (along the slice normal)."""
+        col_j, col_i = self.affine[:3, 1], self.affine[:3, 2]
+        normal = np.cross(col_i, col_j)
+        normal /= np.linalg.norm(normal)
+        return float(abs(normal @ self.affine[:3, 0]))
+
+    @property
+    def origin(self) -> np.ndarray:
+        """LPS position in mm of voxel ``(0, 0, 0)``."""
+        return self.affine[:3, 3].copy()
+
+    def copy_with(self, array: np.ndarray, step: dict[str, Any] | None = None) -> "Volume":
+        """A new Volume with ``array`` and this geometry; ``step`` is appended to the provenance."""
+        meta = copy.copy(self.meta)
+        meta["provenance"] = list(self.meta.get("provenance", []))
+        if step is not None:
+            step = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **step}
+            meta["provenance"].append(step)
+        return Volume(array, self.affine.copy(), self.modality, meta)
+
+    # ------------------------------------------------------------------ napari
+    def world_affine(self) -> np.ndarray:
+        """4x4 affine from ``(k, j, i, 1)`` to napari world ``(S, P, L, 1)`` in mm."""
+        return _LPS_TO_SPL @ self.affine
+
+    def to_layer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``napari.layers.Image`` (no napari import here).
+
+        The layer gets ``scale`` = spacing and an ``affine`` holding the direction (and shear)
+        and origin, so that ``affine @ diag(scale)`` is :meth:`world_affine`.
+        """
+        world = self.world_affine()
+        scale = np.array(self.spacing)
+        direction = world.copy()
+        direction[:3, :3] = world[:3, :3] / scale[None, :]
+        nd = self.array.ndim
+        if nd == 4:  # time axis first, no geometry
+            direction5 = np.eye(5)
+            direction5[1:, 1:] = direction
+            direction, scale = direction5, np.concatenate([[1.0], scale])
+        kwargs: dict[str, Any] = {
+            "scale": tuple(float(s) for s in scale),
+            "affine": direction,
+            "name": self.meta.get("description") or self.modality,
+            "metadata": {LAYER_META_KEY: self.layer_record()},
+        }
+        window = self.meta.get("window")
+        if window is not None:
+            c, w = window
+            kwargs["contrast_limits"] = (float(c - w / 2), float(c + w / 2))
+        return kwargs
+
+    def layer_record(self) -> dict[str, Any]:
+        """The ``metadata["napari_restore"]`` record: geometry, modality, source and provenance."""
+        return {
+            "affine_lps": self.affine.copy(),
+            "modality": self.modality,
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_layer(cls, data: Any, metadata: dict[str, Any] | None = None,
+                   scale: Any = None, translate: Any = None, affine: Any = None) -> "Volume":
+        """Rebuild a Volume from napari layer data and attributes.
+
+        When the layer carries a napari-restore record, its exact LPS affine and source
+        headers are used; otherwise geometry comes from the layer's world transform, read as
+        (S, P, L) mm.
+        """
+        array = np.asarray(data, dtype=np.float32)
+        record = (metadata or {}).get(LAYER_META_KEY)
+        if record is not None:
+            return cls(array, np.asarray(record["affine_lps"]), record.get("modality", "OT"),
+                       copy.copy(record.get("meta", {})))
+        if array.ndim == 2:
+            array = array[None]
+        sp = np.eye(4)
+        sp[:3, :3] = np.diag(np.asarray(scale if scale is not None else np.ones(3), float)[-3:])
+        if translate is not None:
+            sp[:3, 3] = np.asarray(translate, float)[-3:]
+        aff = np.eye(4)
+        if affine is not None:
+            a = np.asarray(affine, float)
+            aff[:3, :3] = a[-4:-1, -4:-1]
+            aff[:3, 3] = a[-4:-1, -1]
+        world = aff @ sp
+        return cls(array, _LPS_TO_SPL @ world, "OT", {})
