@@ -96,7 +96,7 @@ def _clean_phantom(shape: tuple[int, int, int], spacing: tuple[float, float, flo
     ss = 2
     y = (np.arange(ny * ss) - (ny * ss - 1) / 2) * dy / ss
     x = (np.arange(nx * ss) - (nx * ss - 1) / 2) * dx / ss
-    yy, xx = np.meshgrid(y, x, indexing="ij")
+    yy, xx = np.meshgrid(y.astype(np.float32), x.astype(np.float32), indexing="ij")
     z = (np.arange(nz) - (nz - 1) / 2) * dz
     half = 0.5 * min(ny * dy, nx * dx)  # half the smaller field of view, mm
     ax, ay = 0.78 * half, 0.92 * half  # head semi-axes (left-right, anterior-posterior)
@@ -212,6 +212,7 @@ def _dicom_header(affine: np.ndarray, shape: tuple[int, int, int], spacing: tupl
     ds.PatientBirthDate = ""
     ds.PatientSex = "O"
     ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "synthetic phantom: no patient data"
     # General Study
     ds.StudyInstanceUID = uids["study_uid"]
     ds.StudyDate = "20250101"

@@ -100,14 +100,46 @@ class Volume:
         """4x4 affine from ``(k, j, i, 1)`` to napari world ``(S, P, L, 1)`` in mm."""
         return _LPS_TO_SPL @ self.affine
 
+    def layer_axes(self) -> tuple[int, int, int]:
+        """Order of the spatial array axes in the napari layer's data.
+
+        napari draws the last two *data* axes against the last two *world* axes (P, L), so a
+        sagittal or coronal series would give a singular on-screen transform. The layer's data is
+        therefore ``array`` with its spatial axes permuted so that data axis ``d`` runs mainly
+        along world axis ``d`` (S, P, L); ``(0, 1, 2)`` for axial (and tilted axial) series.
+        Only a permutation, never a flip or resampling: the geometry stays exact.
+        """
+        import itertools
+
+        m = np.abs(self.world_affine()[:3, :3])
+        m = m / np.linalg.norm(m, axis=0, keepdims=True)
+        perms = list(itertools.permutations(range(3)))  # identity first: it wins ties
+        scores = [sum(m[d, p[d]] for d in range(3)) for p in perms]
+        return tuple(int(a) for a in perms[int(np.argmax(scores))])  # type: ignore[return-value]
+
+    def layer_data(self) -> np.ndarray:
+        """The array as the napari layer holds it: spatial axes in :meth:`layer_axes` order (a view)."""
+        axes = self.layer_axes()
+        if self.array.ndim == 4:
+            return np.transpose(self.array, (0, *(a + 1 for a in axes)))
+        return np.transpose(self.array, axes)
+
+    def to_layer_tuple(self) -> tuple[np.ndarray, dict[str, Any], str]:
+        """``(data, kwargs, "image")``: a napari layer data tuple (no napari import here)."""
+        return self.layer_data(), self.to_layer_kwargs(), "image"
+
     def to_layer_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``napari.layers.Image`` (no napari import here).
+        """Keyword arguments for ``napari.layers.Image`` holding :meth:`layer_data` (no napari import here).
 
         The layer gets ``scale`` = spacing and an ``affine`` holding the direction (and shear)
-        and origin, so that ``affine @ diag(scale)`` is :meth:`world_affine`.
+        and origin, so that ``affine @ diag(scale)`` is :meth:`world_affine` (with its columns
+        in :meth:`layer_axes` order). For axial series the layer data is ``array`` itself; use
+        :meth:`layer_data` or :meth:`to_layer_tuple` to be right for every orientation.
         """
+        axes = list(self.layer_axes())
         world = self.world_affine()
-        scale = np.array(self.spacing)
+        world[:, :3] = world[:, axes]
+        scale = np.array(self.spacing)[axes]
         direction = world.copy()
         direction[:3, :3] = world[:3, :3] / scale[None, :]
         nd = self.array.ndim
@@ -131,6 +163,7 @@ class Volume:
         """The ``metadata["napari_restore"]`` record: geometry, modality, source and provenance."""
         return {
             "affine_lps": self.affine.copy(),
+            "layer_axes": self.layer_axes(),
             "modality": self.modality,
             "meta": self.meta,
         }
@@ -141,12 +174,17 @@ class Volume:
         """Rebuild a Volume from napari layer data and attributes.
 
         When the layer carries a napari-restore record, its exact LPS affine and source
-        headers are used; otherwise geometry comes from the layer's world transform, read as
+        headers are used and the data's axes are put back in the Volume's order (the record's
+        ``layer_axes``, see :meth:`layer_axes`); otherwise geometry comes from the layer's world transform, read as
         (S, P, L) mm.
         """
         array = np.asarray(data, dtype=np.float32)
         record = (metadata or {}).get(LAYER_META_KEY)
         if record is not None:
+            axes = [int(a) for a in record.get("layer_axes", (0, 1, 2))]
+            if axes != [0, 1, 2] and array.ndim in (3, 4):  # undo the layer's axis permutation
+                inverse = list(np.argsort(axes))
+                array = np.transpose(array, inverse if array.ndim == 3 else [0, *(a + 1 for a in inverse)])
             return cls(array, np.asarray(record["affine_lps"]), record.get("modality", "OT"),
                        copy.copy(record.get("meta", {})))
         if array.ndim == 2:

@@ -227,11 +227,23 @@ def build_volume(series: Series) -> Volume:
     # ---- pixels
     array = np.empty((nt, nz, rows, cols), dtype=np.float32)
     decoded: dict[Path, np.ndarray] = {}
+    bad: list[tuple[Frame, InputError]] = []
     for k, stack in enumerate(stacks):
         for t, fr in enumerate(stack):
-            array[t, k] = _pixels(fr, decoded, rows, cols)
+            try:
+                array[t, k] = _pixels(fr, decoded, rows, cols)
+            except InputError as exc:
+                bad.append((fr, exc))
             if fr.frame is None:
                 decoded.pop(fr.path, None)
+    if bad:  # drop the files that cannot be decoded and rebuild from the rest, if any is left
+        bad_paths = {fr.path for fr, _ in bad}
+        rest = [f for f in frames if f.path not in bad_paths]
+        if not rest or len({f.path for f in frames}) == 1:
+            raise bad[0][1]
+        del array, decoded
+        notes = [f"skipped {fr.path.name}: {str(exc).removeprefix(str(fr.path) + ': ')}" for fr, exc in bad]
+        return build_volume(Series(series.key, rest, series.warnings + notes))
     if not np.all(np.isfinite(array)):
         bad = ~np.isfinite(array)
         warnings.append(f"{int(bad.sum())} non-finite voxels (NaN/inf from the rescale) set to 0")
@@ -304,8 +316,9 @@ def _dicomdir_files(path: Path, skipped: list[str]) -> list[Path]:
             files.append(f)
         else:
             skipped.append(f"{f.name}: listed in the DICOMDIR but not found")
-    if not files:
-        raise InputError("the DICOMDIR references no existing image file", path)
+    if not files:  # a copied or renamed media folder: read what is beside the DICOMDIR instead
+        skipped.append(f"{path.name}: the DICOMDIR references no existing file; read its folder instead")
+        files = sorted(p for p in path.parent.rglob("*") if p.is_file() and not p.name.startswith("."))
     return files
 
 

@@ -127,8 +127,8 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, overwrite: 
         ``Path(folder)``.
 
     Raises:
-        OutputError: 4-D volume, a modality other than CT/MR, a non-orthogonal in-plane
-            geometry, an existing target without ``overwrite``, or a failed write.
+        OutputError: 4-D volume, a modality other than CT/MR, NaN/inf voxels, a non-orthogonal
+            in-plane geometry, an existing target without ``overwrite``, or a failed write.
         Cancelled: ``cancel()`` returned True.
     """
     import pydicom
@@ -142,6 +142,9 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, overwrite: 
     if mod not in _STORAGE:
         raise OutputError(f"cannot write modality {mod!r} as DICOM: only CT and MR Image Storage are "
                           "supported; pass modality='CT' or modality='MR'", folder)
+    bad = int(np.size(volume.array) - np.count_nonzero(np.isfinite(volume.array)))
+    if bad:
+        raise OutputError(f"the volume holds {bad} non-finite voxels (NaN/inf); DICOM integers cannot store them", folder)
     meta = volume.meta or {}
     header = meta.get("dicom_header")
     geometry = _geometry(volume, folder)
@@ -199,13 +202,13 @@ def choose_rescale(array: np.ndarray, modality: str) -> tuple[float, float]:
     if fits and (modality == "CT" or np.all(finite == np.rint(finite))):
         return 1.0, 0.0
     if modality == "CT":
-        intercept = _parse_ds(_ds((lo + hi) / 2))
+        intercept = float(_ds((lo + hi) / 2))
     else:
         intercept = 0.0
     half_range = max(hi - intercept, intercept - lo, 1e-30)
-    slope = _parse_ds(_ds(half_range / 32766.0, up=True))
+    slope = float(_ds(half_range / 32766.0, up=True))
     while max(hi - intercept, intercept - lo) / slope > 32767 - 0.5:
-        slope = _parse_ds(_ds(slope * (1 + 1e-6), up=True))
+        slope = float(_ds(slope * (1 + 1e-6), up=True))
     return slope, intercept
 
 
@@ -233,7 +236,7 @@ def _geometry(volume: Volume, folder: Path) -> dict[str, Any]:
         raise OutputError("the in-plane axes of the volume are not orthogonal; DICOM ImageOrientationPatient "
                           "cannot hold that (only the slice axis may be sheared, as in a gantry tilt)", folder)
     normal = np.cross(row_cos, col_cos)
-    return {"row_cos": row_cos, "col_cos": col_cos, "pixel_spacing": (dj, di), "step": step,
+    return {"row_cos": row_cos, "col_cos": col_cos, "pixel_spacing": (di, dj), "step": step,
             "origin": aff[:3, 3].copy(), "normal": normal,
             "slice_distance": float(abs(normal @ step))}
 
@@ -520,22 +523,16 @@ def _add_source_reference(ds, sop: dict[str, Any], source_series: str | None, he
 
 # --------------------------------------------------------------------------- DS helpers
 def _ds(value: float, up: bool = False) -> str:
-    """A DS string of at most 16 characters for ``value`` (rounded away from zero if ``up``)."""
+    """A DS string of at most 16 characters for ``value``; with ``up``, never below ``value``."""
     from pydicom.valuerep import format_number_as_ds
 
     v = float(value)
     if abs(v) < 1e-10:
         return "0"
     text = format_number_as_ds(v)
-    if up and float(text) < v:
-        text = format_number_as_ds(float(np.nextafter(float(text), np.inf)) * (1 + 1e-12))
-        while float(text) < v:
-            text = format_number_as_ds(float(text) * (1 + 1e-9))
+    while up and float(text) < v:
+        text = format_number_as_ds(float(text) * (1 + 1e-9))
     return text
-
-
-def _parse_ds(text: str) -> float:
-    return float(text)
 
 
 __all__ = ["write_dicom_series", "choose_rescale"]
