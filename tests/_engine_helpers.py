@@ -34,6 +34,15 @@ def ct_slices(shared_data: Path) -> np.ndarray:
 
 @functools.lru_cache(maxsize=None)
 def _trained_state(data_path: str, steps: int = 50) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: one thread is fastest, and immune to a busy machine
+    try:
+        return _train(data_path, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(data_path: str, steps: int) -> dict:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     vol = ct_slices(Path(data_path))

@@ -56,15 +56,20 @@ def _layers_of(path: Path) -> list[Layer]:
 
 
 def _world(layer: Layer, index) -> np.ndarray:
-    return np.asarray(layer.data_to_world(np.asarray(index, float)), float)
+    """World (S, P, L) mm of a *Volume* index ``(k, j, i)``: the layer's data axes may be permuted."""
+    axes = layer.metadata[LAYER_META_KEY]["layer_axes"]
+    index = np.asarray(index, float)
+    return np.asarray(layer.data_to_world(index[list(axes)]), float)
 
 
 def _assert_geometry_matches_headers(layer: Layer, headers: list[pydicom.Dataset], atol: float = 1e-3) -> None:
     """Every header's slice is one layer slice: same corner position and row/column steps."""
     record = layer.metadata[LAYER_META_KEY]
+    axes = list(record["layer_axes"])
     world = SPL @ np.asarray(record["affine_lps"])
-    np.testing.assert_allclose(layer._data_to_world.affine_matrix, world, atol=1e-9)
-    nz = layer.data.shape[0]
+    inverse = [int(a) for a in np.argsort(axes)]  # layer data axis d is Volume axis axes[d]
+    np.testing.assert_allclose(layer._data_to_world.affine_matrix[:, inverse + [3]], world, atol=1e-9)
+    nz = layer.data.shape[axes.index(0)]
     corners = np.array([_world(layer, (k, 0, 0)) for k in range(nz)])
     assert len(headers) == nz
     for ds in headers:
@@ -81,7 +86,7 @@ def _assert_geometry_matches_headers(layer: Layer, headers: list[pydicom.Dataset
 def _centre_of_mass_world(layer: Layer, threshold: float = -300.0) -> np.ndarray:
     """World (S, P, L) mm of the centre of mass of voxels above ``threshold`` HU."""
     idx = np.argwhere(np.asarray(layer.data) > threshold).mean(axis=0)
-    return _world(layer, idx)
+    return np.asarray(layer.data_to_world(idx), float)
 
 
 # --------------------------------------------------------------------------- claims
@@ -171,17 +176,28 @@ def test_oblique_series_layer_geometry_matches_dicom_headers(shared_data):
     iop = np.asarray(headers[0].ImageOrientationPatient, float)
     assert np.min(np.abs(np.abs(iop[:3]) - 1)) > 0.2  # really oblique, not near an axis
     _assert_geometry_matches_headers(layers[0], headers)
+    # a sagittal-ish series: the layer's data axes are permuted so napari can draw it, and the
+    # Volume comes back in its own axis order
+    record = layers[0].metadata[LAYER_META_KEY]
+    assert tuple(record["layer_axes"]) != (0, 1, 2)
+    back = Volume.from_layer(layers[0].data, layers[0].metadata)
+    assert back.array.shape[0] == len(headers)
+    np.testing.assert_array_equal(back.affine, record["affine_lps"])
+    np.testing.assert_array_equal(np.transpose(back.array, record["layer_axes"]), layers[0].data)
 
 
 def test_4d_series_becomes_a_4d_layer(shared_data):
     layers = _layers_of(shared_data / MR_4D)
     layer = layers[0]
     assert layer.ndim == 4 and layer.data.ndim == 4 and layer.data.shape[0] > 1
-    world3 = SPL @ np.asarray(layer.metadata[LAYER_META_KEY]["affine_lps"])
+    record = layer.metadata[LAYER_META_KEY]
+    assert tuple(record["layer_axes"]) == (0, 1, 2)  # an axial EPI
+    world3 = SPL @ np.asarray(record["affine_lps"])
     for index in [(0, 0, 0, 0), (3, 2.5, 10, 20)]:
         expect = world3 @ np.r_[index[1:], 1.0]
-        np.testing.assert_allclose(_world(layer, index)[1:], expect[:3], atol=1e-6)
-        assert _world(layer, index)[0] == pytest.approx(index[0])
+        world = np.asarray(layer.data_to_world(np.asarray(index, float)))
+        np.testing.assert_allclose(world[1:], expect[:3], atol=1e-6)
+        assert world[0] == pytest.approx(index[0])
 
 
 # --------------------------------------------------------------------------- in the viewer

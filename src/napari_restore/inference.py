@@ -18,6 +18,7 @@ Task ``"enhance"`` without a trained model uses a classical, noise-aware unsharp
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 import warnings
@@ -257,7 +258,8 @@ class _Runner:
         self.batch: int | None = batch_size
         self.stitch_device = stitch_device
         self.fell_back = ""
-        self.net = step.network.to(device)
+        # keep the CPU network untouched: it is the fallback after an out-of-memory error
+        self.net = step.network if device.type == "cpu" else copy.deepcopy(step.network).to(device)
 
     # -- bookkeeping
     def _check_cancel(self) -> None:
@@ -274,7 +276,7 @@ class _Runner:
             self.fell_back = f"{self.device.type} ran out of memory; finished on the CPU"
             warnings.warn(self.fell_back, RuntimeWarning, stacklevel=4)
             self.device = torch.device("cpu")
-            self.net = self.step.network.to(self.device)
+            self.net = self.step.network
             self.batch = None
             return
         raise RestoreError(f"out of memory on the CPU even with a batch of one ({exc}); "

@@ -150,6 +150,7 @@ class Volume:
         kwargs: dict[str, Any] = {
             "scale": tuple(float(s) for s in scale),
             "affine": direction,
+            "rgb": False,  # never guess RGB(A) from a last axis of length 3 or 4
             "name": self.meta.get("description") or self.modality,
             "metadata": {LAYER_META_KEY: self.layer_record()},
         }

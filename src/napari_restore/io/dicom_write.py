@@ -236,7 +236,7 @@ def _geometry(volume: Volume, folder: Path) -> dict[str, Any]:
         raise OutputError("the in-plane axes of the volume are not orthogonal; DICOM ImageOrientationPatient "
                           "cannot hold that (only the slice axis may be sheared, as in a gantry tilt)", folder)
     normal = np.cross(row_cos, col_cos)
-    return {"row_cos": row_cos, "col_cos": col_cos, "pixel_spacing": (di, dj), "step": step,
+    return {"row_cos": row_cos, "col_cos": col_cos, "pixel_spacing": (dj, di), "step": step,
             "origin": aff[:3, 3].copy(), "normal": normal,
             "slice_distance": float(abs(normal @ step))}
 

@@ -1,0 +1,96 @@
+"""The residual U-Net factory: identity at start, odd sizes, linear output, whitelisted norms."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from napari_restore.errors import ModelError
+from napari_restore.networks import (DEFAULT_2D, DEFAULT_3D, ResidualUNet, build_network, network_spec,
+                                     prepare_for_inference)
+
+
+@pytest.mark.parametrize("nru", [0, 1])
+@pytest.mark.parametrize("dims,shape", [(2, (3, 1, 37, 45)), (2, (1, 1, 5, 130)), (3, (1, 1, 7, 21, 18))])
+def test_untrained_network_is_exactly_the_identity_for_any_size(nru, dims, shape):
+    args = {**(DEFAULT_2D if dims == 2 else DEFAULT_3D), "num_res_units": nru}
+    net = build_network("ResidualUNet", args).eval()
+    x = torch.randn(shape) * 3
+    with torch.no_grad():
+        y = net(x)
+    assert y.shape == x.shape
+    assert torch.equal(y, x)
+
+
+def _randomise(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return net.eval()
+
+
+def test_odd_sizes_match_an_even_crop_and_output_is_linear():
+    net = _randomise(build_network())
+    x = torch.randn(2, 1, 67, 83)
+    with torch.no_grad():
+        y = net(x)
+    r = y - x
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    # the residual is not clipped by an output activation: it takes both signs, unbounded
+    assert (r < -0.05).any() and (r > 0.05).any()
+    # scaling the last layer scales the residual exactly: the output layer is linear
+    with torch.no_grad():
+        net.branch.model[-1].conv.weight.mul_(2)
+        net.branch.model[-1].conv.bias.mul_(2)
+        r2 = net(x) - x
+    torch.testing.assert_close(r2, 2 * r, rtol=1e-4, atol=1e-5)
+
+
+def test_training_moves_away_from_identity():
+    torch.manual_seed(0)
+    net = build_network("ResidualUNet", {**DEFAULT_2D, "channels": [4, 8], "strides": [2]})
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x = torch.randn(2, 1, 32, 32)
+    loss = torch.nn.functional.mse_loss(net(x), 0.5 * x)
+    loss.backward()
+    assert net.branch.model[-1].conv.weight.grad.abs().sum() > 0  # zero init still learns
+    opt.step()
+    assert not torch.equal(net.eval()(x), x)
+
+
+@pytest.mark.parametrize("norm", ["instance", "INSTANCE", "layer", "group"])
+def test_per_sample_norms_are_refused(norm):
+    with pytest.raises(ModelError, match="norm"):
+        build_network("ResidualUNet", {**DEFAULT_2D, "norm": norm})
+
+
+def test_unknown_architecture_and_arguments_are_refused():
+    with pytest.raises(ModelError, match="unknown architecture"):
+        build_network("os.system", {})
+    with pytest.raises(ModelError, match="cannot build"):
+        build_network("ResidualUNet", {**DEFAULT_2D, "evil": 1})
+
+
+def test_spec_round_trip_and_fused_inference_copy_agree():
+    torch.manual_seed(1)
+    net = build_network("ResidualUNet", {**DEFAULT_2D, "num_res_units": 1})
+    opt = torch.optim.Adam(net.parameters(), 1e-2)
+    for _ in range(3):  # non-trivial batch-norm statistics
+        x = torch.randn(4, 1, 48, 48)
+        loss = (net(x) - 0.3 * x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    spec = network_spec(net)
+    assert spec["name"] == "ResidualUNet" and spec["args"]["num_res_units"] == 1
+    rebuilt = build_network(spec["name"], spec["args"])
+    rebuilt.load_state_dict(net.state_dict())
+    fused = prepare_for_inference(net)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())  # original untouched
+    x = torch.randn(1, 1, 61, 75)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(rebuilt.eval()(x), net(x))
+    assert isinstance(rebuilt, ResidualUNet)
