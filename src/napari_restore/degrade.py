@@ -381,10 +381,10 @@ def ct_lowdose_noise(
             180 deg) at full dose. The default is calibrated on a real body CT (see
             :data:`DEFAULT_PHOTONS`); noise variance scales as ``1/photons``.
         electronic_noise: electronic read-out noise variance in photon counts^2 per reference reading.
-        method: ``"projection"`` (noise drawn per ray and reconstructed with FBP; about 1-2 s per
-            512x512 slice) or ``"image"`` (white noise shaped with the NPS of projection-domain noise
+        method: ``"projection"`` (noise drawn per ray and reconstructed with FBP; 2-4 s per
+            512x512 slice on 2 CPU cores) or ``"image"`` (white noise shaped with the NPS of projection-domain noise
             and scaled by the local noise level computed from the line integrals; ~10x faster,
-            but without the directional streaks of the projection method).
+            0.2-0.3 s per slice, but without the directional streaks of the projection method).
         n_views: views over 180 deg for the projection method; default ``max(y, x)``. Changes the
             texture only marginally, not the noise level.
         filter_name: FBP filter (``skimage.transform.iradon``): ``ramp``, ``shepp-logan``,

@@ -117,9 +117,9 @@ def _clean_phantom(shape: tuple[int, int, int], spacing: tuple[float, float, flo
         img[ell(0, 0, ax * s, ay * s, 0.955) | ell(0, -ay * s * 0.93, 0.08 * half, 0.09 * half)] = HU["soft_tissue"]
         # skull: outer table, diploe, inner table
         img[ell(0, 0, ax * s, ay * s, 0.93)] = HU["cortical_bone"]
-        img[ell(0, 0, ax * s, ay * s, 0.91)] = HU["diploe"]
-        img[ell(0, 0, ax * s, ay * s, 0.885)] = HU["cortical_bone"]
-        inner = ell(0, 0, ax * s, ay * s, 0.865)
+        img[ell(0, 0, ax * s, ay * s, 0.90)] = HU["diploe"]
+        img[ell(0, 0, ax * s, ay * s, 0.875)] = HU["cortical_bone"]
+        inner = ell(0, 0, ax * s, ay * s, 0.85)
         img[inner] = HU["brain"]
         # frontal sinus (air in bone) just behind the forehead
         sinus_wall = ell(0, -0.70 * ay * s, 0.17 * half, 0.075 * half)

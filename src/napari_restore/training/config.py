@@ -1,0 +1,321 @@
+"""Training configuration (:class:`TrainConfig`) and result (:class:`TrainResult`).
+
+The same dataclass backs the Python API (:func:`napari_restore.training.train`), the
+``python -m napari_restore.training`` entry point and the ``napari-restore train`` sub-command
+(:func:`add_train_arguments` / :func:`config_from_args` build it from ``argparse``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+
+MODES = ("supervised", "paired", "self-supervised")
+SELF_SUPERVISED = ("n2n", "n2v")
+SCHEDULES = ("cosine", "plateau", "none")
+LOSSES = ("l1", "mse")
+TRAIN_TASKS = ("denoise", "deblur")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; every field has a command-line twin (``--field-name``).
+
+    Data:
+        data: folders/files (DICOM series, NIfTI, MHA/NRRD) of training scans: clean-ish scans
+            (``supervised``), the full-dose side (``paired``) or noisy scans (``self-supervised``).
+        low_data: ``paired`` only: folders/files of the low-dose side, matched to ``data`` by
+            position (series by geometry, slices by distance along the slice normal).
+        val_data: validation scans; ``None`` = split ``data`` by patient/series (never slices of
+            one series on both sides) with ``val_fraction``.
+        cache_dir: folder for decoded, normalised float32 ``.npy`` volumes keyed by source path
+            and modification time; ``None`` keeps them in memory only.
+    Model:
+        output: the model folder written at the end (``card.json`` + ``model.pt``).
+        run_dir: checkpoints, ``log.csv``, TensorBoard; default ``<output>.run`` beside ``output``.
+        task, modality (``auto`` = from the data), dims (2: slices, 3: patches), architecture
+        (``ResidualUNet`` arguments; ``None`` = the default for ``dims``), intensity (card spec;
+        ``None`` = the modality default), init_model (fine-tune from an installed model name or a
+        model folder / bundle path), resume (a checkpoint file or a run folder: continues from its
+        last saved step).
+    Degradations (``supervised``; ranges drawn uniformly per sample):
+        dose_range (CT dose fraction), rician_range (MR noise SD / tissue signal), fwhm_range
+        (blur FWHM in voxels), blur_noise (white noise SD added after blur, fraction of the
+        normalised unit), ct_noise_method (``image``: the fast image-domain method of
+        :mod:`napari_restore.degrade`, the default; ``projection`` is ~100x slower per sample).
+    Self-supervised:
+        self_supervised: ``n2n`` (Neighbor2Neighbor, default) or ``n2v`` (Noise2Void);
+        n2n_gamma: weight of the N2N regulariser; pd_factor: pixel-shuffle downsampling factor
+        applied before the N2N sub-sampler (remedy for spatially correlated noise; 1 = off);
+        blind_spot: N2V blind-spot box side in pixels (1 = classic N2V; 3 or 5 = structured
+        blind spot for correlated CT noise); n2v_spacing: grid spacing of N2V masked pixels.
+    Optimisation:
+        patch_size, batch_size, epochs, steps_per_epoch, lr, weight_decay, schedule, loss,
+        ssim_weight (weight of MONAI ``SSIMLoss`` added to L1/MSE), patience (early stopping on
+        validation loss, 0 = off), val_slices (validation slices/patches per volume, at most),
+        val_crop (in-plane crop side of validation slices, 0 = whole slices), augment, jitter
+        (relative intensity jitter, applied to input and target alike), seed, device, num_workers.
+    Output card: name (default: the output folder's name), version, description, license,
+        overwrite; tensorboard, progress_bar; command (recorded in the card; default sys.argv).
+    """
+
+    data: list[str]
+    output: str
+    mode: str = "supervised"
+    task: str = "denoise"
+    modality: str = "auto"
+    low_data: list[str] = field(default_factory=list)
+    val_data: list[str] = field(default_factory=list)
+    val_fraction: float = 0.2
+    cache_dir: str | None = None
+    run_dir: str | None = None
+    dims: int = 2
+    architecture: dict[str, Any] | None = None
+    intensity: dict[str, Any] | None = None
+    init_model: str | None = None
+    resume: str | None = None
+    dose_range: tuple[float, float] = (0.1, 0.5)
+    rician_range: tuple[float, float] = (0.02, 0.10)
+    fwhm_range: tuple[float, float] = (1.0, 3.0)
+    blur_noise: float = 0.0
+    ct_noise_method: str = "image"
+    self_supervised: str = "n2n"
+    n2n_gamma: float = 1.0
+    pd_factor: int = 1
+    blind_spot: int = 1
+    n2v_spacing: int = 8
+    patch_size: tuple[int, ...] = (128, 128)
+    batch_size: int = 16
+    epochs: int = 50
+    steps_per_epoch: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    loss: str = "l1"
+    ssim_weight: float = 0.0
+    patience: int = 10
+    val_slices: int = 8
+    val_crop: int = 256
+    augment: bool = True
+    jitter: float = 0.05
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    name: str | None = None
+    version: str = "0.1.0"
+    description: str = ""
+    license: str = ""
+    overwrite: bool = False
+    tensorboard: bool = True
+    progress_bar: bool = True
+    command: str | None = None
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> "TrainConfig":
+        """Check the arguments; raises :class:`InputError` naming the bad one."""
+        def bad(msg: str) -> InputError:
+            return InputError(f"training configuration: {msg}")
+
+        if isinstance(self.data, (str, Path)):
+            self.data = [str(self.data)]
+        self.data = [str(p) for p in self.data]
+        self.low_data = [str(p) for p in ([self.low_data] if isinstance(self.low_data, (str, Path)) else self.low_data)]
+        self.val_data = [str(p) for p in ([self.val_data] if isinstance(self.val_data, (str, Path)) else self.val_data)]
+        if not self.data:
+            raise bad("no training data given")
+        if self.mode not in MODES:
+            raise bad(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.task not in TRAIN_TASKS:
+            raise bad(f"task must be one of {TRAIN_TASKS}, got {self.task!r}")
+        if self.mode != "supervised" and self.task != "denoise":
+            raise bad(f"mode {self.mode!r} trains denoisers only (task='denoise')")
+        if self.mode == "paired" and not self.low_data:
+            raise bad("paired mode needs low_data (the low-dose scans matched to data)")
+        if self.mode != "paired" and self.low_data:
+            raise bad("low_data is only used in paired mode")
+        self.modality = self.modality if self.modality == "auto" else str(self.modality).upper()
+        if self.modality not in ("auto", "CT", "MR"):
+            raise bad(f"modality must be 'auto', 'CT' or 'MR', got {self.modality!r}")
+        if self.dims not in (2, 3):
+            raise bad(f"dims must be 2 or 3, got {self.dims!r}")
+        self.patch_size = tuple(int(p) for p in self.patch_size)
+        if len(self.patch_size) == 1:
+            self.patch_size = self.patch_size * self.dims
+        if len(self.patch_size) != self.dims or min(self.patch_size) < 16:
+            raise bad(f"patch_size must be {self.dims} sizes >= 16, got {self.patch_size}")
+        for name in ("batch_size", "epochs", "steps_per_epoch"):
+            if int(getattr(self, name)) < 1:
+                raise bad(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise bad(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.schedule not in SCHEDULES:
+            raise bad(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.loss not in LOSSES:
+            raise bad(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.self_supervised not in SELF_SUPERVISED:
+            raise bad(f"self_supervised must be one of {SELF_SUPERVISED}, got {self.self_supervised!r}")
+        if self.ct_noise_method not in ("image", "projection"):
+            raise bad(f"ct_noise_method must be 'image' or 'projection', got {self.ct_noise_method!r}")
+        lo, hi = (float(v) for v in self.dose_range)
+        if not 0.0 < lo <= hi <= 1.0:
+            raise bad(f"dose_range must be 0 < low <= high <= 1, got {self.dose_range}")
+        lo, hi = (float(v) for v in self.rician_range)
+        if not 0.0 <= lo <= hi:
+            raise bad(f"rician_range must be 0 <= low <= high, got {self.rician_range}")
+        lo, hi = (float(v) for v in self.fwhm_range)
+        if not 0.0 < lo <= hi:
+            raise bad(f"fwhm_range must be 0 < low <= high (voxels), got {self.fwhm_range}")
+        if self.pd_factor < 1 or self.blind_spot < 1 or self.blind_spot % 2 == 0:
+            raise bad("pd_factor must be >= 1 and blind_spot an odd number >= 1")
+        if self.n2v_spacing < self.blind_spot + 2:
+            raise bad(f"n2v_spacing must be at least blind_spot + 2 = {self.blind_spot + 2}")
+        if self.pd_factor > 1 and any(p % (2 * self.pd_factor) for p in self.patch_size[-2:]):
+            raise bad(f"patch_size {self.patch_size} must be a multiple of 2 * pd_factor = {2 * self.pd_factor} in-plane")
+        if self.lr <= 0 or self.weight_decay < 0 or self.ssim_weight < 0 or self.jitter < 0:
+            raise bad("lr must be > 0; weight_decay, ssim_weight and jitter >= 0")
+        if self.name is None:
+            self.name = Path(self.output).name or "model"
+        if self.command is None:
+            self.command = " ".join(shlex.quote(a) for a in sys.argv)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples as lists)."""
+        out = dataclasses.asdict(self)
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+
+    @property
+    def run_path(self) -> Path:
+        """Folder for checkpoints and logs."""
+        if self.run_dir:
+            return Path(self.run_dir)
+        out = Path(self.output)
+        return out.with_name(out.name + ".run")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns (on every rank).
+
+    Attributes:
+        model_dir: the saved model folder (rank 0 wrote it).
+        run_dir: checkpoints and logs.
+        history: one dict per epoch (epoch, step, train_loss, val_loss, val_psnr, val_ssim, lr, seconds).
+        best: the best epoch's record; ``baseline``: metrics of the degraded validation input.
+        epochs, steps: epochs and optimiser steps done in total (including resumed ones).
+        stopped_early: early stopping ended the run.
+        seconds: wall time of this call.
+        network: the final (best) network, unwrapped from DDP, eval mode, on the CPU.
+    """
+
+    model_dir: Path
+    run_dir: Path
+    history: list[dict[str, Any]]
+    best: dict[str, Any]
+    baseline: dict[str, Any]
+    epochs: int
+    steps: int
+    stopped_early: bool
+    seconds: float
+    network: Any = None
+
+
+# ---------------------------------------------------------------------------- argparse
+def _floats2(text: str) -> tuple[float, float]:
+    parts = [float(v) for v in text.replace(",", " ").split()]
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected 'LOW,HIGH', got {text!r}")
+    return parts[0], parts[1]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").replace(" ", ",").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like '128,128', got {text!r}") from None
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add every :class:`TrainConfig` field as an option (``--patch-size 128,128`` ...)."""
+    d = TrainConfig(data=[], output="")
+    p = parser
+    p.add_argument("data", nargs="+", help="training scans: folders/files (DICOM, NIfTI, MHA/NRRD)")
+    p.add_argument("-o", "--output", required=True, help="model folder to write (card.json + model.pt)")
+    p.add_argument("--mode", choices=MODES, default=d.mode)
+    p.add_argument("--task", choices=TRAIN_TASKS, default=d.task)
+    p.add_argument("--modality", choices=("auto", "CT", "MR"), default=d.modality)
+    p.add_argument("--low-data", nargs="+", default=[], help="paired mode: low-dose scans")
+    p.add_argument("--val-data", nargs="+", default=[], help="validation scans (default: split by patient)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
+    p.add_argument("--cache-dir", default=None, help="cache decoded volumes as .npy here")
+    p.add_argument("--run-dir", default=None, help="checkpoints and logs (default <output>.run)")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=d.dims)
+    p.add_argument("--channels", type=_ints, default=None, help="U-Net channels, e.g. 16,32,64,128")
+    p.add_argument("--intensity-scale", type=float, default=None, help="CT: HU per network unit (default 512)")
+    p.add_argument("--init-model", default=None, help="fine-tune from an installed model name or a model/bundle folder")
+    p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue from")
+    p.add_argument("--dose-range", type=_floats2, default=d.dose_range)
+    p.add_argument("--rician-range", type=_floats2, default=d.rician_range)
+    p.add_argument("--fwhm-range", type=_floats2, default=d.fwhm_range)
+    p.add_argument("--blur-noise", type=float, default=d.blur_noise)
+    p.add_argument("--ct-noise-method", choices=("image", "projection"), default=d.ct_noise_method)
+    p.add_argument("--self-supervised", choices=SELF_SUPERVISED, default=d.self_supervised)
+    p.add_argument("--n2n-gamma", type=float, default=d.n2n_gamma)
+    p.add_argument("--pd-factor", type=int, default=d.pd_factor)
+    p.add_argument("--blind-spot", type=int, default=d.blind_spot)
+    p.add_argument("--n2v-spacing", type=int, default=d.n2v_spacing)
+    p.add_argument("--patch-size", type=_ints, default=None)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    p.add_argument("--loss", choices=LOSSES, default=d.loss)
+    p.add_argument("--ssim-weight", type=float, default=d.ssim_weight)
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--val-slices", type=int, default=d.val_slices)
+    p.add_argument("--val-crop", type=int, default=d.val_crop)
+    p.add_argument("--no-augment", dest="augment", action="store_false")
+    p.add_argument("--jitter", type=float, default=d.jitter)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--num-workers", type=int, default=d.num_workers)
+    p.add_argument("--name", default=None)
+    p.add_argument("--version", dest="model_version", default=d.version)
+    p.add_argument("--description", default=d.description)
+    p.add_argument("--license", default=d.license)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
+    p.add_argument("--no-progress", dest="progress_bar", action="store_false")
+    return p
+
+
+def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    """Build a :class:`TrainConfig` from :func:`add_train_arguments`' namespace."""
+    kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(ns, f.name)}
+    kw["version"] = getattr(ns, "model_version", TrainConfig.version)
+    dims = kw.get("dims", 2)
+    if kw.get("patch_size") is None:
+        kw["patch_size"] = (128, 128) if dims == 2 else (32, 96, 96)
+    channels = getattr(ns, "channels", None)
+    if channels:
+        from ..networks import DEFAULT_2D, DEFAULT_3D
+
+        arch = dict(DEFAULT_2D if dims == 2 else DEFAULT_3D)
+        arch["channels"] = list(channels)
+        arch["strides"] = [2] * (len(channels) - 1)
+        kw["architecture"] = arch
+    scale = getattr(ns, "intensity_scale", None)
+    if scale:
+        kw["intensity"] = {"kind": "ct", "center": 0.0, "scale": float(scale), "clip": [-1024.0, 3071.0]}
+    kw["command"] = " ".join(shlex.quote(a) for a in sys.argv)
+    return TrainConfig(**kw)
