@@ -99,8 +99,10 @@ def test_manifest_is_discovered_and_valid():
     assert {r.command for r in mf.contributions.readers} == {f"{PLUGIN}.get_reader"}
     assert {w.command for w in mf.contributions.writers} == {f"{PLUGIN}.write_volume", f"{PLUGIN}.write_dicom"}
     assert {s.key for s in mf.contributions.sample_data} == {"ct_phantom_noisy", "ct_phantom_clean"}
-    readers = {r.plugin_name for r in pm.iter_compatible_readers(["x/scan.nii.gz"])}
-    assert PLUGIN in readers
+    for name in ("x/scan.nii.gz", "x/S2010/I10", "x/CT.1.3.12.2.1107.5.1.4.60064.3000002212080811"):
+        assert PLUGIN in {r.plugin_name for r in pm.iter_compatible_readers([name])}, name
+    for name in ("x/photo.png", "x/stack.tif", "x/notes.txt", "x/cells.h5", "x/movie.mp4", "x/slide.jp2"):
+        assert PLUGIN not in {r.plugin_name for r in pm.iter_compatible_readers([name])}, name
 
 
 def test_reader_declines_what_it_cannot_read(tmp_path, shared_data):
@@ -186,6 +188,33 @@ def test_oblique_series_layer_geometry_matches_dicom_headers(shared_data):
     np.testing.assert_array_equal(np.transpose(back.array, record["layer_axes"]), layers[0].data)
 
 
+@pytest.mark.parametrize("plane", ["axial", "axial_descending", "sagittal", "coronal"])
+def test_layer_axes_make_every_plane_drawable(plane):
+    """napari draws data axes (1, 2) against world axes (P, L): that block must be invertible."""
+    cols = {  # LPS direction of the k, j, i steps
+        "axial": [(0, 0, 1), (0, 1, 0), (1, 0, 0)],
+        "axial_descending": [(0, 0, -1), (0, 1, 0), (1, 0, 0)],
+        "sagittal": [(1, 0, 0), (0, 0, -1), (0, 1, 0)],
+        "coronal": [(0, 1, 0), (0, 0, -1), (1, 0, 0)],
+    }[plane]
+    affine = np.eye(4)
+    affine[:3, :3] = np.array(cols, float).T * np.array([3.0, 0.5, 0.7])
+    affine[:3, 3] = (10, -20, 30)
+    vol = Volume(np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6), affine, "MR")
+    data, kwargs, _ = volume_to_layer_data(vol)
+    layer = Image(data, **kwargs)
+    axes = list(kwargs["metadata"][LAYER_META_KEY]["layer_axes"])
+    assert (axes == [0, 1, 2]) == plane.startswith("axial")
+    if axes == [0, 1, 2]:
+        assert data is vol.array or np.shares_memory(data, vol.array)
+    displayed = layer._data_to_world.affine_matrix[1:3, 1:3]
+    assert abs(np.linalg.det(displayed)) > 0.1
+    for index in [(0, 0, 0), (3, 4, 5), (1.5, 2, 0.5)]:
+        np.testing.assert_allclose(_world(layer, index), (vol.world_affine() @ np.r_[index, 1])[:3], atol=1e-9)
+    back = Volume.from_layer(layer.data, layer.metadata)
+    np.testing.assert_array_equal(back.array, vol.array)
+
+
 def test_4d_series_becomes_a_4d_layer(shared_data):
     layers = _layers_of(shared_data / MR_4D)
     layer = layers[0]
@@ -266,3 +295,9 @@ def test_screenshot_shows_ct_in_radiological_orientation(make_napari_viewer, sha
     shot = viewer.screenshot(canvas_only=True, flash=False)
     assert shot.ndim == 3 and shot.shape[-1] == 4
     assert shot[..., :3].std() > 20, "the screenshot is (nearly) blank"
+
+    # an oblique sagittal MR is drawn too (its layer axes are permuted to face the screen)
+    viewer.layers.clear()
+    (layer,) = viewer.open(shared_data / MR_OBLIQUE, plugin=PLUGIN)
+    viewer.reset_view()
+    assert viewer.screenshot(canvas_only=True, flash=False)[..., :3].std() > 10

@@ -21,7 +21,6 @@ CT_TILT = "ct/philips-head-phantom/tilt/S3010"
 MR_OBLIQUE = "fixtures/dicom2nifti/hitachi/anatomical/001"
 MR_4D = "fixtures/ge-epi-4d/mr_0004"
 CT_NIFTI = "ct/nifti/example_ct_sm.nii.gz"
-SPL = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)
 
 
 def _layer(path: Path) -> Layer:
@@ -78,12 +77,17 @@ def test_dicom_target_strips_the_writer_extension(tmp_path):
     assert dicom_target(str(tmp_path) + "/.dcm") == tmp_path  # napari appends ".dcm" to "folder/"
 
 
-def test_dicom_writer_refuses_layers_without_dicom_source(shared_data, tmp_path):
+def test_dicom_writer_refuses_layers_without_dicom_source_or_not_3d(shared_data, tmp_path):
     layer = _layer(shared_data / CT_NIFTI)
     data, attributes, _ = layer.as_layer_data_tuple()
     with pytest.raises(OutputError, match="no DICOM source"):
         write_dicom(str(tmp_path / "out.dcm"), data, attributes)
     assert not (tmp_path / "out").exists()
+    # a 4-D DICOM layer has a source but is no single series: refused, nothing written
+    data, attributes, _ = _layer(shared_data / MR_4D).as_layer_data_tuple()
+    with pytest.raises(OutputError, match="3-D"):
+        write_dicom(str(tmp_path / "epi.dcm"), data, attributes)
+    assert not (tmp_path / "epi").exists()
 
 
 def test_dicom_writer_replaces_only_its_own_previous_export(shared_data, tmp_path):

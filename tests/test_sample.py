@@ -60,9 +60,10 @@ def test_phantom_materials_in_hu(clean):
     k = vol.array.shape[0] // 2
     assert vol.array[k, 0, 0] == pytest.approx(HU["air"], abs=1)  # corner: air
     assert vol.array[k, 96, 96] == pytest.approx(HU["brain"], abs=5)  # near the centre: brain
-    # the skull on the left-right axis reaches cortical bone HU; fat lies outside it
+    # the skull on the left-right axis is bone (cortical tables ~1000 HU, blurred by the PSF)
+    # with soft tissue and fat outside it
     row = vol.array[k, 96]
-    assert row.max() >= 950
+    assert row.max() > 800
     assert np.any(np.abs(row - HU["fat"]) < 30)
     # inserts of different HU: each is flat at its nominal value in its centre
     half = 0.5 * 192 * 0.8

@@ -8,6 +8,7 @@ Exit codes: 0 success, 1 an error we explain (bad input, bad model, unwritable o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -76,6 +77,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     src = Path(args.input)
     volume = _pick_series(load(src), args.series, src)
+    out = Path(args.output)
+    dicom_out = _is_dicom_target(out, args.format)
+    deid = None
+    if args.deidentify and dicom_out:
+        from .deidentify import Deidentifier, check_burned_in
+
+        check_burned_in(volume.meta.get("dicom_header"), args.accept_burned_in, out)  # before the long run
+        key = args.deidentify_key or os.environ.get("NAPARI_RESTORE_DEID_KEY") or None
+        deid = Deidentifier(key=key, dates=args.deidentify_dates)
     progress, close = _progress_bar(f"{args.task} {volume.meta.get('description', src.name)}")
     try:
         result = restore(volume, task=args.task, model=args.model, mode=args.mode, device=args.device,
@@ -83,10 +93,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
                          overlap=args.overlap, progress=progress)
     finally:
         close()
-    out = Path(args.output)
     kwargs = {}
-    if _is_dicom_target(out, args.format):
+    if dicom_out:
         kwargs = {"format": "dicom", "series_description": args.series_description, "modality": args.modality}
+        if deid is not None:
+            kwargs.update(deidentify=deid, accept_burned_in=args.accept_burned_in)
     written = save(result, out, overwrite=args.overwrite, **kwargs)
     step = result.meta.get("provenance", [{}])[-1]
     print(f"wrote {written} ({step.get('model', args.task)}, {step.get('seconds', 0):.1f} s)")
@@ -181,6 +192,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--series-description", default=None, help="SeriesDescription of an exported DICOM series")
     r.add_argument("--modality", default=None, help="modality of a DICOM export from a non-DICOM input (CT or MR)")
     r.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never done otherwise)")
+    r.add_argument("--deidentify", action="store_true",
+                   help="DICOM output: apply the DICOM PS3.15 Annex E basic confidentiality profile (new UIDs, "
+                        "no names/IDs/dates, no private tags); NIfTI/MHA/NRRD outputs carry no patient attributes")
+    r.add_argument("--accept-burned-in", action="store_true",
+                   help="with --deidentify: export even if the source says BurnedInAnnotation=YES")
+    r.add_argument("--deidentify-key", default=None,
+                   help="secret key for a reproducible UID/date mapping across exports (default: "
+                        "$NAPARI_RESTORE_DEID_KEY, else random per run)")
+    r.add_argument("--deidentify-dates", choices=("remove", "shift"), default="remove",
+                   help="remove dates (basic profile, default) or shift them back by a key-derived number of days")
     r.set_defaults(func=cmd_restore)
 
     i = sub.add_parser("info", help="version, compute device and installed models; or the series in INPUT")

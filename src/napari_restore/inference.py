@@ -428,7 +428,8 @@ def _blend_into(out: np.ndarray, src: np.ndarray, restored: np.ndarray, strength
 # ---------------------------------------------------------------------------- model resolution
 def _no_model_message(task: str, modality: str, mode: str) -> str:
     folders = ", ".join(str(p) for p in [BUNDLED_DIR, *user_model_dirs()])
-    what = f"for {modality}" if modality in ("CT", "MR") else "for any modality (the volume's modality is unknown: set it to CT or MR)"
+    what = (f"for {modality}" if modality in ("CT", "MR")
+            else "for any modality (the volume's modality is unknown: set it to CT or MR)")
     return (f"no trained {task!r} model {what} in {mode} mode is installed (looked in {folders}). "
             f"Train one (napari-restore train) and put its folder (card.json + model.pt) into "
             f"{user_model_dirs()[0]} (or set NAPARI_RESTORE_MODELS), or pass model=<path to a model folder>.")
@@ -466,7 +467,7 @@ def _step_from_model(task: str, model: Any, modality: str, mode: str, device: to
         raise ModelError(f"model {card.name!r} is for {card.modality}, the volume is {modality}", where)
     if card.modality != "any" and modality not in ("CT", "MR"):
         warn.append(f"the volume's modality is {modality!r}; model {card.name!r} assumes {card.modality} intensities")
-    return _Step(task, card.name, card.version, prepare_for_inference(loaded.network), card.intensity, card.dims,
+    return _Step(task, card.name, card.version, prepare_for_inference(loaded.network).cpu(), card.intensity, card.dims,
                  card.patch_size, True)
 
 

@@ -167,7 +167,8 @@ def prepare_for_inference(net: nn.Module) -> nn.Module:
         norm = getattr(adn, "N", None) if adn is not None else None
         if isinstance(conv, nn.modules.conv._ConvNd) and isinstance(norm, nn.modules.batchnorm._BatchNorm):
             if norm.track_running_stats and norm.running_mean is not None:
-                module.conv = fuse_conv_bn_eval(conv, norm, transpose=isinstance(conv, nn.modules.conv._ConvTransposeNd))
+                transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+                module.conv = fuse_conv_bn_eval(conv, norm, transpose=transposed)
                 adn.N = nn.Identity()
     return net
 

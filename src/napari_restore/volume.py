@@ -176,8 +176,8 @@ class Volume:
 
         When the layer carries a napari-restore record, its exact LPS affine and source
         headers are used and the data's axes are put back in the Volume's order (the record's
-        ``layer_axes``, see :meth:`layer_axes`); otherwise geometry comes from the layer's world transform, read as
-        (S, P, L) mm.
+        ``layer_axes``, see :meth:`layer_axes`); otherwise geometry comes from the layer's
+        world transform, read as (S, P, L) mm.
         """
         array = np.asarray(data, dtype=np.float32)
         record = (metadata or {}).get(LAYER_META_KEY)
@@ -185,7 +185,8 @@ class Volume:
             axes = [int(a) for a in record.get("layer_axes", (0, 1, 2))]
             if axes != [0, 1, 2] and array.ndim in (3, 4):  # undo the layer's axis permutation
                 inverse = list(np.argsort(axes))
-                array = np.transpose(array, inverse if array.ndim == 3 else [0, *(a + 1 for a in inverse)])
+                order = inverse if array.ndim == 3 else [0, *(int(a) + 1 for a in inverse)]
+                array = np.ascontiguousarray(np.transpose(array, order))
             return cls(array, np.asarray(record["affine_lps"]), record.get("modality", "OT"),
                        copy.copy(record.get("meta", {})))
         if array.ndim == 2:

@@ -181,6 +181,11 @@ def build_volume(series: Series) -> Volume:
     warnings = list(series.warnings)
     rows, cols = _frame_shape(first)
     geometry = first.position is not None and first.row_dir is not None
+    if geometry and len(frames) > 1:
+        lacking = [f for f in frames if f.position is None or f.row_dir is None]
+        if lacking:
+            raise InputError("has no usable ImagePositionPatient/ImageOrientationPatient while the rest of its "
+                             "series has them", lacking[0].path)
     if not geometry:
         if len({f.path for f in frames}) > 1:
             raise InputError("slices have no ImagePositionPatient/ImageOrientationPatient, so they cannot be ordered "
@@ -222,6 +227,9 @@ def build_volume(series: Series) -> Volume:
     affine[:3, 1] = col_dir * dy
     affine[:3, 2] = row_dir * dx
     affine[:3, 3] = origin
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise InputError("the slice positions, orientation or spacing give no usable geometry (non-finite or "
+                         "zero slice step)", first.path if len(frames) == 1 else first.path.parent)
     tilt = _tilt_degrees(step, normal)
 
     # ---- pixels
@@ -299,9 +307,9 @@ def _is_dicomdir(path: Path) -> bool:
 def _dicomdir_files(path: Path, skipped: list[str]) -> list[Path]:
     """Files a DICOMDIR references (missing ones are reported in ``skipped``)."""
     try:
-        ds = pydicom.dcmread(path)
+        ds = _parsed(pydicom.dcmread(path))
     except Exception as exc:
-        raise InputError(f"unreadable DICOMDIR ({exc})", path) from None
+        raise InputError(f"unreadable DICOMDIR ({type(exc).__name__}: {exc})", path) from None
     files = []
     for rec in ds.get("DirectoryRecordSequence", []):
         ref = rec.get("ReferencedFileID")
@@ -324,7 +332,7 @@ def _dicomdir_files(path: Path, skipped: list[str]) -> list[Path]:
 
 def _read_header(path: Path) -> Dataset:
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return _parsed(pydicom.dcmread(path, stop_before_pixels=True))
     except InvalidDicomError:
         if path.suffix.lower() not in (".dcm", ".dicom", ".ima"):
             raise _NotImage("not a DICOM file", report=False) from None
@@ -334,9 +342,20 @@ def _read_header(path: Path) -> Dataset:
             raise InputError(f"not a valid DICOM file ({exc})", path) from None
         if "Rows" not in ds:
             raise InputError("not a valid DICOM file (no preamble and no image attributes)", path) from None
-        return ds
+        try:
+            return _parsed(ds)
+        except Exception as exc:
+            raise InputError(f"corrupt DICOM header ({type(exc).__name__}: {exc})", path) from None
     except Exception as exc:  # truncated headers, bad VRs, ...
         raise InputError(f"corrupt DICOM header ({type(exc).__name__}: {exc})", path) from None
+
+
+def _parsed(ds: Dataset) -> Dataset:
+    """``ds`` with every element (nested ones too) decoded now, so a corrupt value fails here, not later."""
+    ds.walk(lambda _ds, _elem: None)
+    if hasattr(ds, "file_meta"):
+        ds.file_meta.walk(lambda _ds, _elem: None)
+    return ds
 
 
 def _sop_class(h: Dataset) -> str:
@@ -355,21 +374,22 @@ def _frames_of(path: Path) -> list[Frame]:
         raise _NotImage(f"not an image (SOP class {sop})")
     if "Rows" not in h or "Columns" not in h:
         raise _NotImage("no image (no Rows/Columns)")
-    if int(h.get("SamplesPerPixel", 1) or 1) != 1:
+    if _int_attr(h, "SamplesPerPixel", 1, path) != 1:
         raise _NotImage(f"a colour image ({h.get('PhotometricInterpretation', '?')}, "
                         f"{h.get('SamplesPerPixel')} samples per pixel); only greyscale CT/MR is restored")
-    rows, cols = int(h.Rows), int(h.Columns)
+    rows, cols = _int_attr(h, "Rows", 0, path), _int_attr(h, "Columns", 0, path)
     if rows <= 0 or cols <= 0:
         raise InputError(f"invalid image size Rows={rows} Columns={cols}", path)
-    bits = int(h.get("BitsAllocated", 0) or 0)
+    bits = _int_attr(h, "BitsAllocated", 0, path)
     if bits not in (1, 8, 16, 32, 64):
         raise InputError(f"invalid BitsAllocated={bits}", path)
+    n_frames = _int_attr(h, "NumberOfFrames", 1, path)
+    if n_frames < 1:
+        raise InputError(f"invalid NumberOfFrames={n_frames}", path)
+    _check_pixel_size(path, h, rows, cols, bits, n_frames)
     image_type = [str(v).upper() for v in (h.get("ImageType") or [])]
     if "MOSAIC" in image_type:
         return _mosaic_frames(path, h)
-    n_frames = int(h.get("NumberOfFrames", 1) or 1)
-    if n_frames < 1:
-        raise InputError(f"invalid NumberOfFrames={n_frames}", path)
     if "PerFrameFunctionalGroupsSequence" in h:
         return _enhanced_frames(path, h, n_frames)
     pos = _vec(h.get("ImagePositionPatient"), 3)
@@ -503,7 +523,9 @@ def _pixels(fr: Frame, cache: dict[Path, np.ndarray], rows: int, cols: int) -> n
             with _warnings.catch_warnings():
                 _warnings.simplefilter("ignore")
                 data = dicomwrappers.wrapper_from_data(pydicom.dcmread(fr.path)).get_data()  # rescaled
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # decoders written in Rust raise PanicException (a BaseException)
             raise InputError(f"mosaic pixel data cannot be decoded ({type(exc).__name__}: {exc})", fr.path) from None
         arr = cache[fr.path] = np.moveaxis(np.asarray(data), 2, 0)
     if arr is None:
@@ -516,7 +538,9 @@ def _pixels(fr: Frame, cache: dict[Path, np.ndarray], rows: int, cols: int) -> n
                 arr = ds.pixel_array
         except InputError:
             raise
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # decoders written in Rust raise PanicException (a BaseException)
             raise InputError(f"pixel data cannot be decoded ({type(exc).__name__}: {exc})", fr.path) from None
         cache[fr.path] = arr
     if fr.frame is not None:
@@ -537,6 +561,35 @@ def _pixels(fr: Frame, cache: dict[Path, np.ndarray], rows: int, cols: int) -> n
 def _frame_shape(fr: Frame) -> tuple[int, int]:
     """(rows, columns) of one frame; a mosaic tile is smaller than the stored image."""
     return fr.shape or (int(fr.header.Rows), int(fr.header.Columns))
+
+
+def _int_attr(h: Dataset, keyword: str, default: int, path: Path) -> int:
+    """An integer attribute (``default`` when absent or empty); a malformed one is an InputError."""
+    value = h.get(keyword, default)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"invalid {keyword} {value!r}", path) from None
+
+
+def _check_pixel_size(path: Path, h: Dataset, rows: int, cols: int, bits: int, n_frames: int) -> None:
+    """Refuse headers whose image size cannot match the file before anything is allocated.
+
+    Native (uncompressed) pixel data must fit in the file; compressed data needs at least one
+    8-byte fragment item per frame. The decoded float32 volume must also fit in free memory.
+    """
+    size = path.stat().st_size
+    ts = getattr(getattr(h, "file_meta", None), "TransferSyntaxUID", None)
+    compressed = bool(ts) and getattr(ts, "is_compressed", False)
+    expected = rows * cols * n_frames * max(bits, 8) // 8 if bits != 1 else (rows * cols * n_frames + 7) // 8
+    if not compressed and expected > size:
+        raise InputError(f"the header describes {n_frames} frame(s) of {rows}x{cols} at {bits} bits "
+                         f"({expected} bytes) but the file holds only {size} bytes", path)
+    if compressed and n_frames * 8 > size:
+        raise InputError(f"NumberOfFrames={n_frames} cannot fit in a {size}-byte file", path)
+    _check_memory(rows * cols * n_frames * 4, path)
 
 
 def _check_memory(nbytes: int, path: Path) -> None:
@@ -588,7 +641,7 @@ def _vec(v: Any, n: int) -> np.ndarray | None:
 def _orthonormal(iop: np.ndarray, path: Path) -> tuple[np.ndarray, np.ndarray]:
     r, c = iop[:3], iop[3:]
     nr, nc = np.linalg.norm(r), np.linalg.norm(c)
-    if nr < 1e-6 or nc < 1e-6 or abs(r @ c) / (nr * nc) > 1e-2:
+    if not (np.isfinite(nr) and np.isfinite(nc)) or nr < 1e-6 or nc < 1e-6 or abs(r @ c) / (nr * nc) > 1e-2:
         raise InputError(f"degenerate ImageOrientationPatient {iop.tolist()}", path)
     return r / nr, c / nc
 
@@ -599,7 +652,7 @@ def _pixel_spacing(h: Dataset, path: Path) -> tuple[float, float]:
         return (1.0, 1.0)
     v = _vec(ps, 2)
     if v is None or np.any(v <= 0):
-        raise InputError(f"invalid PixelSpacing {list(ps)}", path)
+        raise InputError(f"invalid PixelSpacing {ps!r}", path)
     return float(v[0]), float(v[1])
 
 

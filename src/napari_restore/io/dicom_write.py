@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ..deidentify import Deidentifier, as_deidentifier, check_burned_in
 from ..errors import Cancelled, OutputError
 from ..volume import Volume
 from .atomic import atomic_dir
@@ -103,7 +104,8 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, overwrite: 
                        series_description: str | None = None, modality: str | None = None,
                        derivation: str | None = None,
                        progress: Callable[[int, int], Any] | None = None,
-                       cancel: Callable[[], bool] | None = None) -> Path:
+                       cancel: Callable[[], bool] | None = None,
+                       deidentify: "bool | Deidentifier" = False, accept_burned_in: bool = False) -> Path:
     """Write ``volume`` (3-D, ``(z, y, x)``) as a new derived DICOM series into ``folder``.
 
     Args:
@@ -122,13 +124,19 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, overwrite: 
         progress: called as ``progress(done, total)`` after each slice.
         cancel: polled before each slice; returning True raises :class:`Cancelled`, leaving
             nothing behind.
+        deidentify: apply the PS3.15 Annex E basic profile (see :mod:`napari_restore.deidentify`):
+            ``True`` for a fresh random mapping, or one :class:`~napari_restore.deidentify.Deidentifier`
+            shared by several exports so series of one study keep one Study/FrameOfReference UID.
+        accept_burned_in: export de-identified even though the source says
+            ``BurnedInAnnotation = YES`` (refused otherwise).
 
     Returns:
         ``Path(folder)``.
 
     Raises:
         OutputError: 4-D volume, a modality other than CT/MR, NaN/inf voxels, a non-orthogonal
-            in-plane geometry, an existing target without ``overwrite``, or a failed write.
+            in-plane geometry, an existing target without ``overwrite``, a failed write, or a
+            de-identified export of a source with burned-in annotation (without ``accept_burned_in``).
         Cancelled: ``cancel()`` returned True.
     """
     import pydicom
@@ -147,6 +155,9 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, overwrite: 
         raise OutputError(f"the volume holds {bad} non-finite voxels (NaN/inf); DICOM integers cannot store them", folder)
     meta = volume.meta or {}
     header = meta.get("dicom_header")
+    deid = as_deidentifier(deidentify)
+    if deid is not None:
+        check_burned_in(header, accept_burned_in, folder)
     geometry = _geometry(volume, folder)
     slope, intercept = choose_rescale(volume.array, mod)
 
@@ -175,6 +186,8 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, overwrite: 
                 _add_source_reference(ds, sops[k], source_series, header, mod)
             stored = np.rint((volume.array[k].astype(np.float64) - intercept) / slope)
             ds.PixelData = np.clip(stored, *_INT16).astype("<i2").tobytes()
+            if deid is not None:
+                deid.apply(ds)
             ds.file_meta = pydicom.dataset.FileMetaDataset()
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -307,7 +320,9 @@ def _series_template(volume: Volume, header, modality: str, geo: dict[str, Any],
     codes = _derivation_codes(meta)
     if codes:
         ds.DerivationCodeSequence = [_code(v, m) for v, m in codes]
-    ds.BurnedInAnnotation = "NO"
+    # derived pixels keep whatever text the source had burned in
+    burned = str(getattr(header, "BurnedInAnnotation", "") or "").upper() if header is not None else ""
+    ds.BurnedInAnnotation = "YES" if burned == "YES" else "NO"
     _lossy_flags(header, ds)
     if "AcquisitionNumber" not in ds:
         ds.AcquisitionNumber = ""

@@ -44,8 +44,8 @@ def read_nifti(path: str | os.PathLike, modality: str | None = None) -> Volume:
         data = data[:, :, None]
     if data.ndim == 5 and data.shape[3] == 1:
         data = data[:, :, :, 0]
-    if data.ndim not in (3, 4):
-        raise InputError(f"expected a 3-D or 4-D image, got shape {data.shape}", path)
+    if data.ndim not in (3, 4) or 0 in data.shape:
+        raise InputError(f"expected a non-empty 3-D or 4-D image, got shape {data.shape}", path)
     if np.iscomplexobj(data) or data.dtype.names is not None:
         raise InputError(f"unsupported voxel type {data.dtype}", path)
     array = np.ascontiguousarray(data.astype(np.float32).T)  # (i,j,k[,t]) -> ([t,]k,j,i)
@@ -93,6 +93,8 @@ def read_sitk(path: str | os.PathLike, modality: str | None = None) -> Volume:
         img = sitk.JoinSeries([img])
     if img.GetDimension() != 3:
         raise InputError(f"expected a 3-D image, got {img.GetDimension()}-D", path)
+    if 0 in img.GetSize():
+        raise InputError(f"empty image of size {img.GetSize()}", path)
     array = sitk.GetArrayFromImage(img).astype(np.float32)
     affine = sitk_affine(img)
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:

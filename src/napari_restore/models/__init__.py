@@ -8,6 +8,13 @@ the schema) and ``model.pt`` (a plain ``state_dict``), or a pair of files ``<ste
 2. the user folder: ``$NAPARI_RESTORE_MODELS`` (several folders separated by ``os.pathsep``),
    default ``~/.napari-restore/models``.
 
+Card JSON schema (full description in :mod:`napari_restore.models.card`): ``name``, ``version``,
+``task`` (denoise | deblur | enhance | restore), ``modality`` (CT | MR | any), ``dims`` (2 | 3),
+``architecture`` ``{"name": "ResidualUNet", "args": {...}}``, ``intensity`` (the mapping of
+:mod:`napari_restore.intensity`, e.g. ``{"kind": "ct", "center": 0, "scale": 512,
+"clip": [-1024, 3071]}``), optional ``patch_size``, ``training_data``, ``metrics``,
+``description``, ``license``, ``created``, ``format_version`` (1).
+
 Loading is safe: weights are read with ``torch.load(..., weights_only=True)`` (no pickle code
 runs), only whitelisted architectures are built, and the state dict must match exactly.
 Anything else is refused with a :class:`~napari_restore.errors.ModelError`.
@@ -42,7 +49,7 @@ def _resolve_files(path: Path) -> tuple[Path, Path]:
     if not path.exists() and path.suffix not in (".json", ".pt", ".pth"):
         raise ModelError("no such model folder or file", path)
     if path.suffix == ".json":
-        return path, path.with_suffix(".pt")
+        return path, path.parent / WEIGHTS_NAME if path.name == CARD_NAME else path.with_suffix(".pt")
     if path.suffix in (".pt", ".pth"):
         card = path.parent / CARD_NAME if path.name == WEIGHTS_NAME else path.with_suffix(".json")
         return card, path
@@ -145,7 +152,9 @@ def load_weights(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise ModelError("weights file not found", path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": we refuse it anyway
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for code payloads, RuntimeError/EOFError if truncated
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"refused to load the weights: not a plain tensor state dict, or corrupt "
@@ -195,6 +204,10 @@ def load_model(name_or_path: str | os.PathLike | ModelCard, device: str = "cpu")
             raise ModelError(f"model card {card.name!r} has no weights path")
     else:
         path = Path(name_or_path)
+        if path.is_dir() and (path / "configs" / "metadata.json").is_file():  # a MONAI bundle
+            from ..training.bundle import load_bundle
+
+            return load_bundle(path, device=device)
         looks_like_path = path.exists() or path.suffix in (".json", ".pt", ".pth") or len(path.parts) > 1
         card = read_card(path) if looks_like_path else _lookup(str(name_or_path))
     net = build_from_card(card, load_weights(card.path))

@@ -76,8 +76,12 @@ class ModelCard:
                    if k not in data]
         if missing:
             raise bad(f"missing field(s) {missing}")
-        if int(data.get("format_version", FORMAT_VERSION)) > FORMAT_VERSION:
-            raise bad(f"format_version {data['format_version']} is newer than this napari-restore reads ({FORMAT_VERSION})")
+        fv = data.get("format_version", FORMAT_VERSION)
+        if not isinstance(fv, int) or isinstance(fv, bool) or fv < 1:
+            raise bad(f"format_version must be a positive integer, got {fv!r}")
+        if fv > FORMAT_VERSION:
+            raise bad(f"format_version {data['format_version']} is newer than this napari-restore "
+                      f"reads ({FORMAT_VERSION})")
         name = data["name"]
         if not isinstance(name, str) or not _NAME_RE.match(name):
             raise bad(f"name {name!r} must match {_NAME_RE.pattern}")
@@ -89,7 +93,8 @@ class ModelCard:
         if data["dims"] not in (2, 3):
             raise bad(f"dims must be 2 or 3, got {data['dims']!r}")
         arch = data["architecture"]
-        if not isinstance(arch, dict) or not isinstance(arch.get("name"), str) or not isinstance(arch.get("args", {}), dict):
+        if (not isinstance(arch, dict) or not isinstance(arch.get("name"), str)
+                or not isinstance(arch.get("args", {}), dict)):
             raise bad('architecture must be {"name": str, "args": {...}}')
         from ..networks import ARCHITECTURES
 

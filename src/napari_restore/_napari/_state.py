@@ -1,0 +1,175 @@
+"""The widget's state: evented dataclasses (psygnal), no Qt, no napari.
+
+The Qt widgets (:mod:`._widget`) show and edit these objects; every field change emits
+``state.events.<field>`` so the view follows the state and the tests can drive the state
+directly. The user's choices (task, model, device, strength, advanced settings, export and
+training options) are remembered between sessions in a small JSON file, see
+:func:`settings_path` (``$NAPARI_RESTORE_CONFIG_DIR`` or the user config folder).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from psygnal import evented
+
+TASKS = ("denoise", "deblur", "enhance", "restore")
+TASK_LABELS = {"denoise": "Denoise", "deblur": "Deblur", "enhance": "Enhance edges",
+               "restore": "Full restore (denoise > deblur > enhance)"}
+#: Slices thicker than this (mm), or more than ``THICK_RATIO`` times the in-plane pixel, are
+#: restored slice by slice (2-D): a 3-D network would mix anatomy of distant planes.
+THICK_SLICE_MM = 2.5
+THICK_RATIO = 3.0
+AUTO_MODEL = ""  # the "best installed model" choice
+SETTINGS_FILE = "widget.json"
+
+
+@evented
+@dataclass
+class RestoreState:
+    """What the Restore panel will run, and how the running job stands.
+
+    ``model``: ``""`` (the best installed model for task/modality/mode), an installed model's
+    name, or a model folder / file path. ``device``: ``"auto"``, ``"cpu"``, ``"cuda:0"``, ...
+    ``batch_size``/``tile``: 0 = automatic / whole slices. ``overlap``: tile overlap 0..0.9.
+    """
+
+    layer: str | None = None
+    task: str = "denoise"
+    model: str = AUTO_MODEL
+    mode: str = "2d"
+    device: str = "auto"
+    strength: float = 1.0
+    batch_size: int = 0
+    tile: int = 0
+    overlap: float = 0.25
+    extra_models: list[str] = field(default_factory=list)
+    running: bool = False
+    done: int = 0
+    total: int = 0
+    status: str = "Ready"
+
+
+@evented
+@dataclass
+class CompareState:
+    """Compare tools: the pair of layers, the view mode and the blend amount (0..1)."""
+
+    view: str = "off"  # "off" | "grid" | "blend"
+    blend: float = 0.5
+
+
+@evented
+@dataclass
+class ExportState:
+    """Export options: the derived series description (``""``: the writer's default) and de-identification."""
+
+    series_description: str = ""
+    deidentify: bool = False
+    last_folder: str = ""
+    running: bool = False
+
+
+@evented
+@dataclass
+class TrainState:
+    """Fine-tune panel: data, starting model, mode, epochs, and the live curves."""
+
+    mode: str = "supervised"  # "supervised" (synthetic degradation) | "self-supervised" | "paired"
+    task: str = "denoise"
+    base_model: str = AUTO_MODEL
+    epochs: int = 5
+    steps_per_epoch: int = 50
+    folder: str = ""
+    name: str = "my-finetuned-model"
+    running: bool = False
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    status: str = "Ready"
+
+
+#: The fields written to the settings file, per state object.
+PERSISTED = {
+    "restore": ("task", "model", "device", "strength", "batch_size", "tile", "overlap", "extra_models"),
+    "export": ("deidentify", "last_folder"),
+    "train": ("mode", "task", "epochs", "steps_per_epoch", "folder", "name"),
+}
+
+
+def settings_path() -> Path:
+    """``$NAPARI_RESTORE_CONFIG_DIR/widget.json``, else ``<user config dir>/napari-restore/widget.json``."""
+    folder = os.environ.get("NAPARI_RESTORE_CONFIG_DIR")
+    if not folder:
+        from platformdirs import user_config_dir
+
+        folder = user_config_dir("napari-restore", appauthor=False)
+    return Path(folder) / SETTINGS_FILE
+
+
+def load_settings(states: dict[str, Any], path: Path | None = None) -> None:
+    """Set the persisted fields of ``states`` (``{"restore": RestoreState, ...}``) from the file.
+
+    A missing, unreadable or malformed file (or a value of the wrong type) is ignored: the
+    defaults stay. Never raises.
+    """
+    path = path or settings_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(data, dict):
+        return
+    for key, fields in PERSISTED.items():
+        state, saved = states.get(key), data.get(key)
+        if state is None or not isinstance(saved, dict):
+            continue
+        for name in fields:
+            if name not in saved:
+                continue
+            value, default = saved[name], getattr(state, name)
+            if isinstance(default, bool) != isinstance(value, bool):
+                continue
+            if isinstance(default, float) and isinstance(value, int):
+                value = float(value)
+            if type(value) is not type(default):
+                continue
+            setattr(state, name, value)
+
+
+def save_settings(states: dict[str, Any], path: Path | None = None) -> Path | None:
+    """Write the persisted fields of ``states`` to the settings file; returns it (None on failure)."""
+    path = path or settings_path()
+    data = {key: {name: getattr(states[key], name) for name in fields}
+            for key, fields in PERSISTED.items() if key in states}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        return None
+    return path
+
+
+def suggest_mode(spacing_zyx: tuple[float, float, float], has_3d_model: bool) -> tuple[str, str]:
+    """``("2d"|"3d", reason)`` from the voxel spacing (mm): thick slices -> slice by slice.
+
+    3-D is chosen only for near-isotropic voxels *and* when a 3-D model exists for the task.
+    """
+    dz, dy, dx = (float(s) for s in spacing_zyx)
+    inplane = min(dy, dx)
+    thick = dz > THICK_SLICE_MM or dz > THICK_RATIO * inplane
+    if thick:
+        return "2d", f"{dz:.2g} mm slices ({inplane:.2g} mm pixels): slice by slice"
+    if not has_3d_model:
+        return "2d", f"{dz:.2g} mm slices suit 3-D, but no 3-D model is installed: slice by slice"
+    return "3d", f"{dz:.2g} mm slices, {inplane:.2g} mm pixels: near-isotropic, 3-D"
+
+
+def state_dict(state: Any) -> dict[str, Any]:
+    """A plain dict of an evented dataclass (for logs and tests)."""
+    return dataclasses.asdict(state)

@@ -1,0 +1,200 @@
+"""Export a model as a MONAI bundle, and load such a bundle back safely.
+
+Layout written by :func:`export_bundle` (MONAI bundle specification)::
+
+    <bundle>/
+      configs/metadata.json          # version, changelog, monai/pytorch/numpy versions, task,
+                                     # network_data_format (inputs/outputs), ...
+      configs/inference.json         # for MONAI users: network_def (+ intensity notes); never
+                                     # evaluated by napari-restore
+      configs/napari_restore_card.json   # our model card (architecture, intensity mapping, metrics)
+      models/model.pt                # the plain state_dict
+      docs/README.md                 # what it is, how to use it, training data and figures
+      LICENSE                        # when the card names a licence
+
+:func:`load_bundle` reads only ``metadata.json`` and the card JSON, builds a whitelisted
+architecture (:data:`napari_restore.networks.ARCHITECTURES`) and loads ``models/model.pt`` with
+``weights_only=True``; no expression of the bundle's configs is ever evaluated.
+:func:`napari_restore.models.load_model` calls it for a folder that holds ``configs/metadata.json``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+
+METADATA = Path("configs") / "metadata.json"
+CARD = Path("configs") / "napari_restore_card.json"
+INFERENCE = Path("configs") / "inference.json"
+WEIGHTS = Path("models") / "model.pt"
+SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
+_REQUIRED_META = ("version", "monai_version", "pytorch_version", "numpy_version", "network_data_format")
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    """True for a folder holding ``configs/metadata.json``."""
+    p = Path(path)
+    return p.is_dir() and (p / METADATA).is_file()
+
+
+def _versions() -> dict[str, str]:
+    import monai
+    import numpy
+    import torch
+
+    return {"monai_version": monai.__version__, "pytorch_version": torch.__version__.split("+")[0],
+            "numpy_version": numpy.__version__}
+
+
+def _metadata(card) -> dict[str, Any]:
+    from .. import __version__
+
+    dims = card.dims
+    spatial = list(card.patch_size or [64, 128, 128]) if dims == 3 else [128, 128]
+    if card.modality == "CT":
+        fmt, value_range = "hounsfield", list(card.intensity.get("clip", [-1024, 3071]))
+    else:
+        fmt, value_range = "magnitude", []
+    io_desc = {"type": "image", "format": fmt, "modality": card.modality, "num_channels": 1,
+               "spatial_shape": ["*"] * dims, "dtype": "float32", "value_range": value_range,
+               "is_patch_data": False, "channel_def": {"0": "image"}}
+    return {
+        "schema": SCHEMA,
+        "version": card.version,
+        "changelog": {card.version: f"exported by napari-restore {__version__}"},
+        **_versions(),
+        "required_packages_version": {"napari-restore": __version__},
+        "name": card.name,
+        "task": f"{card.task} {card.modality} images ({dims}-D)",
+        "description": card.description or f"{card.task} model for {card.modality}",
+        "authors": "napari-restore",
+        "copyright": card.license or "see LICENSE",
+        "data_source": card.training_data if isinstance(card.training_data, str) else "; ".join(map(str, card.training_data)),
+        "data_type": "dicom/nifti",
+        "intended_use": "Research use: image restoration of medical images; not for diagnosis.",
+        "eval_metrics": {k: v for k, v in card.metrics.items() if isinstance(v, (int, float))},
+        "network_data_format": {
+            "inputs": {"image": {**io_desc, "spatial_shape": spatial,
+                                 "note": "physical units; normalise with configs/napari_restore_card.json 'intensity'"}},
+            "outputs": {"pred": {**io_desc, "spatial_shape": spatial, "note": "same units as the normalised input"}},
+        },
+    }
+
+
+def _inference_config(card) -> dict[str, Any]:
+    return {
+        "imports": ["$import napari_restore"],
+        "bundle_root": ".",
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "network_def": {"_target_": "napari_restore.networks.ResidualUNet", **card.architecture["args"]},
+        "network": "$@network_def.to(@device)",
+        "ckpt_path": "$@bundle_root + '/models/model.pt'",
+        "intensity": card.intensity,
+        "note": "napari-restore reads metadata.json and napari_restore_card.json only; this file is for MONAI tools.",
+    }
+
+
+def _readme(card) -> str:
+    m = "\n".join(f"| {k} | {v} |" for k, v in card.metrics.items() if not isinstance(v, (dict, list)))
+    data = card.training_data if isinstance(card.training_data, str) else "\n".join(f"- {d}" for d in card.training_data)
+    return f"""# {card.name} {card.version}
+
+{card.description}
+
+- task: {card.task}; modality: {card.modality}; {card.dims}-D
+- architecture: {card.architecture['name']} {json.dumps(card.architecture['args'])}
+- intensity mapping (apply before the network, invert after): `{json.dumps(card.intensity)}`
+
+## Use
+With napari-restore: `napari-restore restore IN OUT --model <this folder>` or
+`napari_restore.restore(volume, task="{card.task}", model="<this folder>")`.
+With MONAI: build `configs/inference.json`'s `network_def` and load `models/model.pt` (a plain state_dict).
+
+## Validation figures
+| metric | value |
+|---|---|
+{m}
+
+## Training data
+{data}
+"""
+
+
+def export_bundle(model, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``model`` as a MONAI bundle folder (atomically).
+
+    Args:
+        model: a model folder path, an installed model's name, a ``ModelCard`` or a
+            ``LoadedModel`` (:func:`napari_restore.models.load_model`).
+        folder: the bundle folder to create.
+        overwrite: replace an existing folder.
+
+    Returns:
+        The bundle folder.
+    """
+    import torch
+
+    from ..io.atomic import atomic_dir
+    from ..models import LoadedModel, load_model
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
+    card = loaded.card
+    state = {k: v.detach().to("cpu").clone() for k, v in loaded.network.state_dict().items()}
+    folder = Path(folder)
+    with atomic_dir(folder, overwrite=overwrite) as tmp:
+        (tmp / "configs").mkdir()
+        (tmp / "models").mkdir()
+        (tmp / "docs").mkdir()
+        (tmp / METADATA).write_text(json.dumps(_metadata(card), indent=2) + "\n", encoding="utf-8")
+        (tmp / INFERENCE).write_text(json.dumps(_inference_config(card), indent=2) + "\n", encoding="utf-8")
+        (tmp / CARD).write_text(json.dumps(card.to_dict(), indent=2) + "\n", encoding="utf-8")
+        torch.save(state, tmp / WEIGHTS)
+        (tmp / "docs" / "README.md").write_text(_readme(card), encoding="utf-8")
+        if card.license:
+            (tmp / "LICENSE").write_text(card.license + "\n", encoding="utf-8")
+    return folder
+
+
+def read_bundle_card(folder: str | os.PathLike):
+    """The :class:`~napari_restore.models.ModelCard` of a bundle (``path`` = its weights)."""
+    from ..models import ModelCard
+
+    folder = Path(folder)
+    meta_path = folder / METADATA
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError("not a MONAI bundle: configs/metadata.json is missing", folder) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"configs/metadata.json is not readable JSON ({exc})", folder) from None
+    missing = [k for k in _REQUIRED_META if k not in meta] if isinstance(meta, dict) else list(_REQUIRED_META)
+    if missing:
+        raise ModelError(f"configs/metadata.json lacks the MONAI bundle key(s) {missing}", folder)
+    if not (folder / CARD).is_file():
+        raise ModelError("this MONAI bundle has no configs/napari_restore_card.json, so napari-restore cannot tell "
+                         "its architecture and intensity mapping (only bundles exported by napari-restore load)", folder)
+    card = ModelCard.read(folder / CARD)
+    if str(meta.get("version")) != card.version:
+        raise ModelError(f"metadata.json version {meta.get('version')!r} differs from the card's {card.version!r}", folder)
+    card.path, card.source = folder / WEIGHTS, "bundle"
+    return card
+
+
+def load_bundle(folder: str | os.PathLike, device: str = "cpu"):
+    """Load a bundle written by :func:`export_bundle` as a ``LoadedModel`` (safe: no config evaluation).
+
+    Raises:
+        ModelError: missing/invalid metadata or card, unknown architecture, unsafe or mismatching weights.
+    """
+    from ..models import LoadedModel, build_from_card, load_weights
+
+    card = read_bundle_card(folder)
+    net = build_from_card(card, load_weights(card.path))
+    net.eval().to(device)
+    return LoadedModel(card, net)
+
+
+__all__ = ["export_bundle", "load_bundle", "read_bundle_card", "is_bundle"]

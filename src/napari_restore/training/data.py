@@ -1,0 +1,557 @@
+"""Training data: discovery, caching, patient-wise split, position-matched pairs, patch datasets.
+
+- Scans are read with :func:`napari_restore.load` (DICOM folders, NIfTI, MHA/NRRD), one
+  :class:`SeriesData` per image series, intensities normalised with the model card's mapping
+  (:mod:`napari_restore.intensity`). Decoded volumes can be cached as normalised float32 ``.npy``
+  in a cache folder, keyed by the source path and the modification times of its files.
+- :func:`split_series` splits by patient (DICOM PatientID; the source file for NIfTI), so slices
+  of one series never land on both sides.
+- :func:`match_pairs` matches low-dose to full-dose series by geometry, then slices by their
+  position along the slice normal (the projection of ImagePositionPatient).
+- :class:`PatchDataset` draws 2-D slice patches ``(1, H, W)`` or 3-D patches ``(1, D, H, W)``
+  with synthetic degradations drawn per sample (CT dose, MR Rician sigma, Gaussian blur FWHM),
+  flips, 90-degree rotations and intensity jitter. Every sample is a pure function of
+  ``(seed, epoch, index)``, so a resumed or multi-process run draws exactly the same data.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from ..errors import InputError
+from ..intensity import Normalizer, default_spec
+from ..io import NIFTI_SUFFIXES, SITK_SUFFIXES
+
+_IMAGE_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
+_CT_FILTER = "cosine"
+_MIN_INPLANE = 32
+
+
+# ---------------------------------------------------------------------------- series
+@dataclass
+class SeriesData:
+    """One image series ready for training.
+
+    Attributes:
+        key: unique id (series UID or source path + index).
+        group: the split unit (patient id, else the source path): never on both sides.
+        source: the file or folder it came from.
+        modality: ``"CT"`` or ``"MR"``.
+        array: normalised float32 ``(z, y, x)`` (network units); physical = ``array * scale + offset``.
+        affine: 4x4 voxel ``(k, j, i, 1)`` -> LPS mm.
+        offset, scale: the fitted intensity mapping.
+        reference: MR tissue signal (foreground mean, physical units) for the Rician sigma.
+    """
+
+    key: str
+    group: str
+    source: str
+    modality: str
+    array: np.ndarray
+    affine: np.ndarray
+    offset: float
+    scale: float
+    reference: float = 1.0
+    description: str = ""
+    _ct_maps: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    def physical(self, x: np.ndarray) -> np.ndarray:
+        return x * np.float32(self.scale) + np.float32(self.offset)
+
+    def normalised(self, x: np.ndarray) -> np.ndarray:
+        return ((x - np.float32(self.offset)) / np.float32(self.scale)).astype(np.float32)
+
+    def ct_maps(self, z: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-pixel noise variance coefficients ``(vp, ve)`` (HU^2) of slice ``z`` (cached)."""
+        if z not in self._ct_maps:
+            hu = self.physical(np.asarray(self.array[z], dtype=np.float32))
+            self._ct_maps[z] = ct_noise_variance_maps(hu, self.spacing[2])
+        return self._ct_maps[z]
+
+
+def ct_noise_variance_maps(hu: np.ndarray, dx: float) -> tuple[np.ndarray, np.ndarray]:
+    """Coefficients of the local low-dose CT noise variance of a slice (HU^2, slice shape).
+
+    The added noise variance at dose fraction ``d`` is ``(1/d - 1) * vp + (1/d^2 - 1) * ve``
+    (photon and electronic parts; the model of :mod:`napari_restore.degrade`; here ``ve`` is folded
+    into ``vp``, an error below 1 % of the variance in soft tissue). Computed with
+    degrade's image-domain method on a grid of >= 2 mm pixels (the map is smooth; FBP noise
+    variance scales as ``1/dx^3``) and interpolated back.
+    """
+    from ..degrade import (DEFAULT_ELECTRONIC_NOISE, DEFAULT_PHOTONS, DEFAULT_TCM, MU_WATER_PER_MM,
+                           _local_noise_sd_map)
+
+    f = max(1, int(math.floor(2.0 / dx)))
+    small = hu.astype(np.float64)
+    if f > 1:
+        from skimage.transform import downscale_local_mean
+
+        small = downscale_local_mean(small, (f, f))
+    dxs = dx * f
+
+    # one evaluation at dose 0.5: variance = vp + 3 ve; the electronic share ve is below 1 % of the
+    # variance in soft tissue (measured on the Siemens body CT), so it is folded into vp
+    sd = _local_noise_sd_map(small, dxs, 0.5, DEFAULT_PHOTONS, DEFAULT_ELECTRONIC_NOISE, _CT_FILTER,
+                             MU_WATER_PER_MM, DEFAULT_TCM)
+    vp = sd.astype(np.float64) ** 2 * f**3
+    if f > 1:
+        zoom = (hu.shape[0] / vp.shape[0], hu.shape[1] / vp.shape[1])
+        vp = ndi.zoom(vp, zoom, order=1, mode="nearest", grid_mode=True)[: hu.shape[0], : hu.shape[1]]
+        vp = np.pad(vp, [(0, hu.shape[0] - vp.shape[0]), (0, hu.shape[1] - vp.shape[1])], mode="edge")
+    ve = np.zeros_like(vp)
+    return vp.astype(np.float32), ve.astype(np.float32)
+
+
+def ct_shaped_noise(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """Unit-variance stationary noise with the NPS of FBP noise (degrade's image method)."""
+    from ..degrade import _shaped_unit_noise
+
+    return _shaped_unit_noise(shape, _CT_FILTER, rng).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------- discovery + cache
+def _expand(path: str | os.PathLike) -> list[Path]:
+    """A file -> itself; a folder -> its image files (NIfTI/MHA/NRRD) plus itself if it holds others (DICOM)."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError("training data: no such file or folder", p)
+    if p.is_file():
+        return [p]
+    files = [f for f in sorted(p.rglob("*")) if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+    if not files:
+        raise InputError("training data: the folder is empty", p)
+    images = [f for f in files if any(f.name.lower().endswith(s) for s in _IMAGE_SUFFIXES)]
+    others = [f for f in files if f not in images]
+    return images + ([p] if others else [])
+
+
+def _source_stamp(p: Path) -> str:
+    if p.is_file():
+        st = p.stat()
+        return f"{st.st_mtime_ns}:{st.st_size}"
+    latest, count, size = 0, 0, 0
+    for root, _dirs, names in os.walk(p):
+        for n in names:
+            try:
+                st = os.stat(os.path.join(root, n))
+            except OSError:
+                continue
+            latest, count, size = max(latest, st.st_mtime_ns), count + 1, size + st.st_size
+    return f"{latest}:{count}:{size}"
+
+
+def _patient_of(vol) -> str | None:
+    hdr = vol.meta.get("dicom_header")
+    pid = getattr(hdr, "PatientID", None) if hdr is not None else None
+    return f"patient:{pid}" if pid else None
+
+
+def _load_source(src: Path, modality: str, spec: dict[str, Any] | None, cache_dir: Path | None) -> list[SeriesData]:
+    """All usable series of one source (file or DICOM folder), through the cache when given."""
+    from .. import load
+
+    key = None
+    if cache_dir is not None:
+        h = hashlib.sha1(json.dumps([str(src.resolve()), _source_stamp(src), modality, spec],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:20]
+        key = cache_dir / h
+        index = key.with_suffix(".json")
+        if index.is_file():
+            try:
+                entries = json.loads(index.read_text())
+                return [SeriesData(e["key"], e["group"], e["source"], e["modality"],
+                                   np.load(cache_dir / e["npy"], mmap_mode="r"), np.asarray(e["affine"]),
+                                   e["offset"], e["scale"], e["reference"], e.get("description", ""))
+                        for e in entries]
+            except (OSError, ValueError, KeyError) as exc:
+                warnings.warn(f"ignoring a broken cache entry {index}: {exc}", RuntimeWarning, stacklevel=2)
+    try:
+        volumes = load(src)
+    except InputError as exc:
+        raise InputError(f"training data cannot be read: {exc}") from None
+    out: list[SeriesData] = []
+    for i, vol in enumerate(volumes):
+        vmod = vol.modality if vol.modality in ("CT", "MR") else (modality if modality != "auto" else vol.modality)
+        if modality != "auto" and vmod != modality:
+            continue
+        if vmod not in ("CT", "MR"):
+            warnings.warn(f"{src}: skipping series {i} of modality {vol.modality!r} (pass modality='CT' or 'MR')",
+                          RuntimeWarning, stacklevel=2)
+            continue
+        arr = vol.array
+        if arr.ndim == 4:
+            warnings.warn(f"{src}: 4-D series {i}: training on its first time point", RuntimeWarning, stacklevel=2)
+            arr = arr[0]
+        if min(arr.shape[1:]) < _MIN_INPLANE:
+            warnings.warn(f"{src}: skipping series {i}: in-plane size {arr.shape[1:]} < {_MIN_INPLANE}", RuntimeWarning,
+                          stacklevel=2)
+            continue
+        norm = Normalizer.fit(spec or default_spec(vmod), arr)
+        narr = np.ascontiguousarray(norm.forward(arr), dtype=np.float32)
+        ref = 1.0
+        if vmod == "MR":
+            from ..degrade import foreground_mean
+            from ..intensity import sample_values
+
+            ref = foreground_mean(sample_values(arr, 1_000_000))
+        uid = vol.meta.get("series_uid") or f"{src}#{i}"
+        group = _patient_of(vol) or str(src)
+        offset = float(norm.offset) if np.isfinite(norm.offset) else 0.0
+        out.append(SeriesData(str(uid), group, str(src), vmod, narr, np.asarray(vol.affine, float), offset,
+                              float(norm.scale), float(ref), str(vol.meta.get("description") or "")))
+    if key is not None and out:
+        from ..io.atomic import atomic_file
+
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for j, s in enumerate(out):
+            npy = f"{key.name}-{j}.npy"
+            with atomic_file(cache_dir / npy, overwrite=True) as tmp:
+                np.save(tmp, s.array)
+            entries.append({"key": s.key, "group": s.group, "source": s.source, "modality": s.modality, "npy": npy,
+                            "affine": s.affine.tolist(), "offset": s.offset, "scale": s.scale,
+                            "reference": s.reference, "description": s.description})
+        with atomic_file(key.with_suffix(".json"), overwrite=True) as tmp:
+            tmp.write_text(json.dumps(entries))
+    return out
+
+
+def load_series(paths: Sequence[str | os.PathLike], modality: str = "auto", spec: dict[str, Any] | None = None,
+                cache_dir: str | os.PathLike | None = None) -> list[SeriesData]:
+    """Read every series under ``paths`` (files or folders) for training.
+
+    Args:
+        paths: files or folders (DICOM folders are read recursively; NIfTI/MHA/NRRD files found in
+            folders are read one by one).
+        modality: ``"CT"``, ``"MR"`` or ``"auto"`` (the modality most series have).
+        spec: the intensity mapping (card ``intensity``); ``None`` = the modality default.
+        cache_dir: cache folder for normalised ``.npy`` volumes, or ``None`` (memory only).
+
+    Raises:
+        InputError: a path is missing, empty or unreadable, or no usable series was found.
+    """
+    cache = Path(cache_dir) if cache_dir else None
+    series: list[SeriesData] = []
+    for p in paths:
+        for src in _expand(p):
+            series += _load_source(src, modality, spec, cache)
+    if not series:
+        raise InputError(f"training data: no usable CT or MR series found in {', '.join(map(str, paths))}")
+    if modality == "auto":
+        counts = {m: sum(s.modality == m for s in series) for m in ("CT", "MR")}
+        chosen = max(counts, key=counts.get)
+        dropped = [s.source for s in series if s.modality != chosen]
+        if dropped:
+            warnings.warn(f"training on {chosen} only; skipping {len(dropped)} series of the other modality",
+                          RuntimeWarning, stacklevel=2)
+        series = [s for s in series if s.modality == chosen]
+    keys = set()
+    for s in series:  # the same series reached twice (e.g. a folder and its file) counts once
+        if s.key in keys:
+            s.key = f"{s.key}@{s.source}"
+        keys.add(s.key)
+    return series
+
+
+def split_series(series: list[SeriesData], val_fraction: float, seed: int) -> tuple[list[SeriesData], list[SeriesData]]:
+    """Split by patient/series group: at least one group on each side, none on both.
+
+    Raises:
+        InputError: fewer than two groups (then pass separate validation data).
+    """
+    groups = sorted({s.group for s in series})
+    if len(groups) < 2:
+        raise InputError(
+            f"training data: found {len(series)} series from {len(groups)} patient/source, too few to split into "
+            "training and validation without putting slices of one series on both sides; add scans or pass "
+            f"val_data (--val-data). Sources: {sorted({s.source for s in series})}")
+    rng = np.random.default_rng(seed)
+    order = list(rng.permutation(len(groups)))
+    n_val = min(len(groups) - 1, max(1, int(round(val_fraction * len(groups)))))
+    val_groups = {groups[i] for i in order[:n_val]}
+    return [s for s in series if s.group not in val_groups], [s for s in series if s.group in val_groups]
+
+
+# ---------------------------------------------------------------------------- pairs
+def _positions(s: SeriesData) -> tuple[np.ndarray, np.ndarray]:
+    a = s.affine
+    normal = np.cross(a[:3, 2], a[:3, 1])
+    normal /= np.linalg.norm(normal)
+    k = np.arange(s.array.shape[0])
+    pos = (a[:3, :3] @ np.stack([k, np.zeros_like(k), np.zeros_like(k)]) + a[:3, 3:4]).T
+    return normal, pos @ normal
+
+
+def match_pairs(low: list[SeriesData], full: list[SeriesData]) -> list[tuple[SeriesData, SeriesData]]:
+    """Match low-dose to full-dose series, then slices by position along the slice normal.
+
+    A pair needs the same in-plane grid (shape, orientation within 1 degree, in-plane offset within
+    half a pixel) and slices at the same positions (within a quarter of the slice distance).
+    Returns ``(low, full)`` pairs whose arrays hold only the matched slices, in the same order.
+
+    Raises:
+        InputError: a low-dose series matches no full-dose series (the message says why).
+    """
+    pairs = []
+    for lo in low:
+        n_lo, s_lo = _positions(lo)
+        reasons = []
+        best = None
+        for fu in full:
+            n_fu, s_fu = _positions(fu)
+            if lo.array.shape[1:] != fu.array.shape[1:]:
+                reasons.append(f"{fu.source}: in-plane size {fu.array.shape[1:]} vs {lo.array.shape[1:]}")
+                continue
+            if abs(float(n_lo @ n_fu)) < math.cos(math.radians(1.0)):
+                reasons.append(f"{fu.source}: different slice orientation")
+                continue
+            d = lo.affine[:3, 3] - fu.affine[:3, 3]
+            d_in = d - (d @ n_fu) * n_fu
+            px = min(lo.spacing[1:])
+            if np.linalg.norm(d_in) > 0.5 * px:
+                reasons.append(f"{fu.source}: in-plane offset {np.linalg.norm(d_in):.2f} mm")
+                continue
+            step = np.min(np.abs(np.diff(s_fu))) if len(s_fu) > 1 else lo.spacing[0]
+            j = np.argmin(np.abs(s_fu[None, :] - s_lo[:, None]), axis=1)
+            ok = np.abs(s_fu[j] - s_lo) <= 0.25 * max(step, 1e-3)
+            if not ok.any():
+                reasons.append(f"{fu.source}: no slice at the same position (nearest "
+                               f"{np.min(np.abs(s_fu[None, :] - s_lo[:, None])):.2f} mm away)")
+                continue
+            if best is None or ok.sum() > best[2].sum():
+                best = (fu, j, ok)
+        if best is None:
+            raise InputError("paired data: this low-dose series matches no full-dose series ("
+                             + ("; ".join(reasons) if reasons else "no full-dose series") + ")", lo.source)
+        fu, j, ok = best
+        keep_lo = np.nonzero(ok)[0]
+        lo_m = SeriesData(lo.key, fu.group, lo.source, lo.modality, np.ascontiguousarray(lo.array[keep_lo]),
+                          lo.affine, lo.offset, lo.scale, lo.reference, lo.description)
+        fu_m = SeriesData(fu.key, fu.group, fu.source, fu.modality, np.ascontiguousarray(fu.array[j[keep_lo]]),
+                          fu.affine, fu.offset, fu.scale, fu.reference, fu.description)
+        if lo.modality != fu.modality or abs(lo.scale - fu.scale) > 1e-6 * abs(fu.scale) and lo.modality == "CT":
+            raise InputError(f"paired data: modality/intensity differ from the matched {fu.source}", lo.source)
+        pairs.append((lo_m, fu_m))
+    return pairs
+
+
+# ---------------------------------------------------------------------------- sampling helpers
+def _reflect_idx(start: int, n: int, size: int) -> np.ndarray:
+    """Indices ``start .. start+n-1`` folded into ``[0, size)`` by half-sample symmetric reflection."""
+    i = np.arange(start, start + n) % (2 * size)
+    return np.where(i >= size, 2 * size - 1 - i, i)
+
+
+def _crop(arr: np.ndarray, starts: Sequence[int], sizes: Sequence[int]) -> np.ndarray:
+    """A (reflect-extended) crop of ``arr`` of ``sizes`` starting at ``starts`` (any may be out of range)."""
+    idx = np.ix_(*[_reflect_idx(s, n, dim) for s, n, dim in zip(starts, sizes, arr.shape)])
+    return np.asarray(arr[idx], dtype=np.float32)
+
+
+@dataclass
+class Degradation:
+    """What a supervised sample is degraded with (``kind``: ``ct_lowdose``, ``mr_rician``, ``gaussian_blur``)."""
+
+    kind: str
+    dose_range: tuple[float, float] = (0.1, 0.5)
+    rician_range: tuple[float, float] = (0.02, 0.10)
+    fwhm_range: tuple[float, float] = (1.0, 3.0)
+    blur_noise: float = 0.0
+    ct_method: str = "image"
+
+    def margin(self) -> int:
+        if self.kind == "gaussian_blur":
+            return int(math.ceil(4.0 * self.fwhm_range[1] / 2.3548)) + 1
+        return 0
+
+    def apply(self, rec: SeriesData, clean: np.ndarray, z0: int, starts: Sequence[int],
+              rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float]]:
+        """Degrade a normalised crop ``clean`` (``(y, x)`` or ``(z, y, x)``) of ``rec``; returns (input, params)."""
+        if self.kind == "ct_lowdose":
+            dose = float(rng.uniform(*self.dose_range))
+            out = np.empty_like(clean)
+            planes = clean if clean.ndim == 3 else clean[None]
+            outs = out if out.ndim == 3 else out[None]
+            for k, plane in enumerate(planes):
+                z = int(_reflect_idx(z0 + k, 1, rec.array.shape[0])[0])
+                hu = rec.physical(plane)
+                if self.ct_method == "projection":
+                    from ..degrade import ct_lowdose_added_noise
+
+                    noise = ct_lowdose_added_noise(hu, rec.spacing, dose, seed=rng)  # crop only: slow, approximate
+                else:
+                    vp, ve = rec.ct_maps(z)
+                    vpc, vec = _crop(vp, starts, plane.shape), _crop(ve, starts, plane.shape)
+                    sd = np.sqrt((1.0 / dose - 1.0) * vpc + (1.0 / dose**2 - 1.0) * vec)
+                    noise = ct_shaped_noise(plane.shape, rng) * sd
+                outs[k] = rec.normalised(hu + noise)
+            return out, {"dose": dose}
+        if self.kind == "mr_rician":
+            frac = float(rng.uniform(*self.rician_range))
+            sigma = frac * rec.reference
+            phys = rec.physical(clean).astype(np.float64)
+            noisy = np.abs(phys + sigma * (rng.standard_normal(phys.shape) + 1j * rng.standard_normal(phys.shape)))
+            return rec.normalised(noisy.astype(np.float32)), {"sigma_fraction": frac}
+        if self.kind == "gaussian_blur":
+            fwhm = float(rng.uniform(*self.fwhm_range))
+            sig = fwhm / 2.3548
+            sigmas = (0.0,) * (clean.ndim - 2) + (sig, sig)
+            out = ndi.gaussian_filter(clean, sigmas, mode="reflect", truncate=4.0).astype(np.float32)
+            if self.blur_noise > 0:
+                out += (self.blur_noise * rng.standard_normal(out.shape)).astype(np.float32)
+            return out, {"fwhm": fwhm}
+        raise InputError(f"unknown degradation {self.kind!r}")
+
+
+def augment(arrays: list[np.ndarray], rng: np.random.Generator, jitter: float) -> list[np.ndarray]:
+    """Same random flips, in-plane 90-degree rotation and intensity jitter for every array."""
+    nd = arrays[0].ndim
+    k = int(rng.integers(4))
+    flips = [ax for ax in range(nd) if rng.random() < 0.5]
+    a = float(rng.uniform(1.0 - jitter, 1.0 + jitter)) if jitter > 0 else 1.0
+    b = float(rng.uniform(-jitter, jitter)) * 0.5 if jitter > 0 else 0.0
+    out = []
+    for x in arrays:
+        x = np.rot90(x, k, axes=(nd - 2, nd - 1))
+        if flips:
+            x = np.flip(x, axis=flips)
+        out.append(np.ascontiguousarray(x * np.float32(a) + np.float32(b), dtype=np.float32))
+    return out
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """Random patches for one epoch: ``{"input": (1, *patch), "target": (1, *patch)}`` float32.
+
+    Args:
+        series: training series (for ``paired``: the low-dose side, aligned with ``targets``).
+        patch_size: ``(H, W)`` (2-D slices) or ``(D, H, W)`` (3-D).
+        length: samples per epoch.
+        degradation: synthetic degradation (supervised) or ``None`` (paired: input is the
+            low-dose crop; self-supervised: input and target are the same noisy crop).
+        targets: paired mode only: the matched full-dose series.
+        augment, jitter: flips / 90-degree rotations / intensity jitter.
+        seed: with :meth:`set_epoch`, fixes every sample.
+
+    Series are drawn in proportion to their number of slices.
+    """
+
+    def __init__(self, series: list[SeriesData], patch_size: Sequence[int], length: int,
+                 degradation: Degradation | None = None, targets: list[SeriesData] | None = None,
+                 augment: bool = True, jitter: float = 0.0, seed: int = 0):
+        self.series, self.targets = series, targets
+        self.patch = tuple(int(p) for p in patch_size)
+        self.length, self.degradation = int(length), degradation
+        self.do_augment, self.jitter, self.seed = augment, float(jitter), int(seed)
+        self.epoch = 0
+        w = np.array([s.array.shape[0] for s in series], dtype=np.float64)
+        self.weights = w / w.sum()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, int(index)])
+        r = int(rng.choice(len(self.series), p=self.weights))
+        rec = self.series[r]
+        nz, ny, nx = rec.array.shape
+        deg = self.degradation
+        m = deg.margin() if deg is not None else 0
+        if len(self.patch) == 2:
+            z0 = int(rng.integers(nz))
+            ph, pw = self.patch
+            y0, x0 = int(rng.integers(max(ny - ph, 0) + 1)), int(rng.integers(max(nx - pw, 0) + 1))
+            starts, sizes = (y0 - m, x0 - m), (ph + 2 * m, pw + 2 * m)
+            clean = _crop(rec.array[z0], starts, sizes)
+            inner = (slice(m, m + ph), slice(m, m + pw))
+        else:
+            pd_, ph, pw = self.patch
+            z0 = int(rng.integers(max(nz - pd_, 0) + 1))
+            y0, x0 = int(rng.integers(max(ny - ph, 0) + 1)), int(rng.integers(max(nx - pw, 0) + 1))
+            starts, sizes = (y0 - m, x0 - m), (ph + 2 * m, pw + 2 * m)
+            clean = _crop(rec.array, (z0, *starts), (pd_, *sizes))
+            inner = (slice(None), slice(m, m + ph), slice(m, m + pw))
+        if self.targets is not None:  # paired
+            tgt = self.targets[r]
+            if len(self.patch) == 2:
+                target = _crop(tgt.array[z0], starts, sizes)
+            else:
+                target = _crop(tgt.array, (z0, *starts), (self.patch[0], *sizes))
+            inp = clean
+        elif deg is not None:
+            inp, _ = deg.apply(rec, clean, z0, starts, rng)
+            target = clean
+        else:  # self-supervised
+            inp = target = clean
+        inp, target = inp[inner], target[inner]
+        if self.do_augment:
+            inp, target = augment([inp, target], rng, self.jitter)
+        return {"input": torch.from_numpy(np.ascontiguousarray(inp))[None],
+                "target": torch.from_numpy(np.ascontiguousarray(target))[None]}
+
+
+def validation_set(series: list[SeriesData], patch_size: Sequence[int], n_per_series: int, crop: int,
+                   degradation: Degradation | None, targets: list[SeriesData] | None = None,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """Fixed validation items ``{"input", "target", "series"}`` (arrays ``(1, ...)``), the same every epoch.
+
+    2-D: up to ``n_per_series`` evenly spaced slices, centre-cropped to ``crop`` (0 = whole);
+    3-D: patches of ``patch_size`` at evenly spaced depths. Degradations use fixed seeds.
+    """
+    items = []
+    for r, rec in enumerate(series):
+        nz, ny, nx = rec.array.shape
+        three_d = len(patch_size) == 3
+        depth = int(patch_size[0]) if three_d else 1
+        n = max(1, min(n_per_series, nz if not three_d else max(1, nz // max(depth, 1))))
+        zs = np.unique(np.linspace(0, max(nz - depth, 0), n).round().astype(int))
+        cy = min(ny, crop) if crop else ny
+        cx = min(nx, crop) if crop else nx
+        if three_d:
+            cy, cx = min(ny, int(patch_size[1])), min(nx, int(patch_size[2]))
+        y0, x0 = (ny - cy) // 2, (nx - cx) // 2
+        for k, z in enumerate(zs):
+            rng = np.random.default_rng([seed, 7919, r, k])
+            if three_d:
+                clean = _crop(rec.array, (int(z), y0, x0), (depth, cy, cx))
+            else:
+                clean = _crop(rec.array[int(z)], (y0, x0), (cy, cx))
+            if targets is not None:
+                tgt = targets[r]
+                target = _crop(tgt.array, (int(z), y0, x0), (depth, cy, cx)) if three_d else _crop(tgt.array[int(z)], (y0, x0), (cy, cx))
+                inp = clean
+            elif degradation is not None:
+                m = degradation.margin()
+                if m:
+                    big = (_crop(rec.array, (int(z), y0 - m, x0 - m), (depth, cy + 2 * m, cx + 2 * m)) if three_d
+                           else _crop(rec.array[int(z)], (y0 - m, x0 - m), (cy + 2 * m, cx + 2 * m)))
+                    inp, _ = degradation.apply(rec, big, int(z), (y0 - m, x0 - m), rng)
+                    inp = inp[..., m:m + cy, m:m + cx]
+                else:
+                    inp, _ = degradation.apply(rec, clean, int(z), (y0, x0), rng)
+                target = clean
+            else:
+                inp = target = clean
+            items.append({"input": np.ascontiguousarray(inp, dtype=np.float32)[None],
+                          "target": np.ascontiguousarray(target, dtype=np.float32)[None], "series": rec})
+    return items
+
+
+__all__ = ["SeriesData", "load_series", "split_series", "match_pairs", "PatchDataset", "Degradation",
+           "validation_set", "augment", "ct_noise_variance_maps", "ct_shaped_noise"]
