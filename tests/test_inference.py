@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import napari_restore
-from _engine_helpers import NOISE_HU, TINY_ARGS, save_tiny, tiny_card, trained_tiny_network
+from _engine_helpers import one_torch_thread, NOISE_HU, TINY_ARGS, save_tiny, tiny_card, trained_tiny_network
 from napari_restore import Volume
 from napari_restore.errors import Cancelled, InputError, ModelError, RestoreError
 from napari_restore.inference import restore
@@ -17,12 +17,18 @@ from napari_restore.models import save_model
 from napari_restore.networks import ResidualUNet, build_network
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
+
+
 @pytest.fixture(autouse=True)
 def empty_user_models(tmp_path, monkeypatch):
-    """No user models unless a test installs one (the developer's own models stay out)."""
+    """No models unless a test installs one (the developer's own and bundled ones stay out)."""
     folder = tmp_path / "user-models"
     folder.mkdir()
     monkeypatch.setenv("NAPARI_RESTORE_MODELS", str(folder))
+    monkeypatch.setattr("napari_restore.models.BUNDLED_DIR", tmp_path / "no-bundled-models")
     return folder
 
 

@@ -8,6 +8,12 @@ import torch
 import napari_restore
 from napari_restore.errors import ModelError
 from napari_restore.intensity import CT_DEFAULT, MR_DEFAULT, Normalizer, default_spec, validate_spec
+from _engine_helpers import one_torch_thread
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
 
 
 def test_ct_mapping_is_fixed_and_exactly_invertible_with_padding(shared_data):

@@ -8,11 +8,16 @@ import shutil
 import pytest
 import torch
 
-from _engine_helpers import TINY_ARGS, save_tiny, tiny_card
+from _engine_helpers import one_torch_thread, TINY_ARGS, save_tiny, tiny_card
 from napari_restore.errors import ModelError, OutputError
 from napari_restore.models import (BUNDLED_DIR, ModelCard, find_model, list_models, load_model, read_card,
                                    save_model)
 from napari_restore.networks import build_network
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
 
 
 @pytest.fixture
@@ -33,20 +38,23 @@ def _perturbed():
 
 
 def test_no_weights_are_bundled_and_user_models_are_listed(user_dir):
-    bundled = [p for p in BUNDLED_DIR.rglob("*") if p.suffix in (".pt", ".pth")]
-    assert bundled == []  # nothing pretends to be a trained model
-    assert list_models() == []
+    # a bundled model must be a real, documented one: a card saying what it was trained on and
+    # what it measured (until trained weights land there are none)
+    bundled = list_models()
+    weights = sorted(p for p in BUNDLED_DIR.rglob("*") if p.suffix in (".pt", ".pth"))
+    assert sorted(c.path for c in bundled) == weights
+    assert all(c.source == "bundled" and c.training_data and c.metrics for c in bundled)
     save_tiny(user_dir / "tiny-a", name="tiny-a")
     # the "pair of files" form
     save_tiny(user_dir / "tmp-b", name="tiny-b", task="deblur")
     shutil.move(user_dir / "tmp-b" / "card.json", user_dir / "tiny-b.json")
     shutil.move(user_dir / "tmp-b" / "model.pt", user_dir / "tiny-b.pt")
     shutil.rmtree(user_dir / "tmp-b")
-    cards = list_models()
+    cards = [c for c in list_models() if c.source == "user"]
     assert sorted(c.name for c in cards) == ["tiny-a", "tiny-b"]
     assert all(c.source == "user" and c.path.is_file() for c in cards)
-    assert [c.name for c in list_models(task="deblur")] == ["tiny-b"]
-    assert list_models(modality="MR") == []
+    assert [c.name for c in list_models(task="deblur") if c.source == "user"] == ["tiny-b"]
+    assert [c for c in list_models(modality="MR") if c.source == "user"] == []
     assert load_model("tiny-b").card.task == "deblur"
 
 
@@ -58,7 +66,7 @@ def test_broken_card_in_user_folder_is_skipped_with_a_warning(user_dir):
     (bad / "model.pt").write_bytes(b"")
     with pytest.warns(RuntimeWarning, match="bad"):
         cards = list_models()
-    assert [c.name for c in cards] == ["tiny-ct-denoise"]
+    assert [c.name for c in cards if c.source == "user"] == ["tiny-ct-denoise"]
 
 
 def test_round_trip_by_folder_json_pt_and_name(tmp_path, user_dir):
@@ -97,7 +105,8 @@ def test_save_is_atomic_and_checked(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no partial leftovers
 
 
-def test_find_model_prefers_exact_modality_then_version(user_dir):
+def test_find_model_prefers_exact_modality_then_version(user_dir, monkeypatch):
+    monkeypatch.setattr("napari_restore.models.BUNDLED_DIR", user_dir / "no-bundled-models")
     save_tiny(user_dir / "a", name="a", modality="any")
     save_tiny(user_dir / "b", name="b", version="0.0.1")
     save_tiny(user_dir / "c", name="c", version="0.10.0")

@@ -7,6 +7,12 @@ import torch
 from napari_restore.errors import ModelError
 from napari_restore.networks import (DEFAULT_2D, DEFAULT_3D, ResidualUNet, build_network, network_spec,
                                      prepare_for_inference)
+from _engine_helpers import one_torch_thread
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
 
 
 @pytest.mark.parametrize("nru", [0, 1])

@@ -8,16 +8,22 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged
 
 import napari_restore
-from _engine_helpers import save_tiny, tiny_card, trained_tiny_network
+from _engine_helpers import one_torch_thread, save_tiny, tiny_card, trained_tiny_network
 from napari_restore.errors import ModelError
 from napari_restore.models import save_model
 from napari_restore.transforms import (Deblur, Denoise, Denoised, EnhanceEdges, EnhanceEdgesd, Restore, Restored,
                                        volume_from_image)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
+
+
 @pytest.fixture(autouse=True)
 def empty_user_models(tmp_path, monkeypatch):
     monkeypatch.setenv("NAPARI_RESTORE_MODELS", str(tmp_path / "none"))
+    monkeypatch.setattr("napari_restore.models.BUNDLED_DIR", tmp_path / "no-bundled-models")
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,7 @@ class Deidentifier:
         actions = annex_e_actions()
         original_id = str(ds.get("PatientID", "") or "")
         self._clean(ds, actions)
-        ds.PatientName = "ANONYMOUS"
+        ds.PatientName = "Anonymous^"
         ds.PatientID = self.pseudonym(original_id)
         ds.PatientIdentityRemoved = "YES"
         ds.DeidentificationMethod = ["PS3.15 E.1.1 Basic Application Confidentiality Profile",
@@ -168,22 +168,25 @@ class Deidentifier:
         if action == "X":
             del ds[elem.tag]
             return
+        if action == "X/Z/U*" and vr == "SQ":  # keep the references, replace the UIDs inside them
+            for item in elem.value or []:
+                self._clean(item, annex_e_actions())
+            return
         if action == "U" or (action == "X/Z/U*" and vr == "UI"):
             if elem.VM > 1:
                 elem.value = [self.uid(u) for u in elem.value]
             else:
                 elem.value = self.uid(elem.value) if elem.value else elem.value
             return
-        if vr in ("DA", "DT"):
-            if self.dates == "shift" and action != "X" and elem.value:
-                values = elem.value if elem.VM > 1 else [elem.value]
-                elem.value = [self.shift_date(v) for v in values] if elem.VM > 1 else self.shift_date(values[0])
+        if vr in ("DA", "DT", "TM"):
+            if self.dates == "shift":  # whole-day shifts: dates move, times stay
+                if vr != "TM" and elem.value:
+                    values = elem.value if elem.VM > 1 else [elem.value]
+                    elem.value = [self.shift_date(v) for v in values] if elem.VM > 1 else self.shift_date(values[0])
+            elif "X" in action:
+                del ds[elem.tag]
             else:
                 elem.value = ""
-            return
-        if vr == "TM":
-            if not (self.dates == "shift" and action in ("D", "Z/D", "X/D", "X/Z/D")):
-                elem.value = ""  # a time is kept only with a shifted date (whole-day shifts keep times)
             return
         if action in ("D", "Z/D", "X/D"):
             elem.value = _dummy(elem)
@@ -208,7 +211,7 @@ def _dummy(elem) -> Any:
         return None
     if vr == "UI":
         return ""
-    text = _DUMMY if vr != "PN" else "ANONYMOUS"
+    text = _DUMMY if vr != "PN" else "Anonymous^"
     return text[: _MAX_LEN.get(vr, 64)]
 
 

@@ -47,7 +47,7 @@ _DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "gaussian_blur": {"fwhm_vox": 2.0},
     "motion_blur": {"length_vox": 5.0, "angle_deg": 30.0},
 }
-_NLM_FACTORS = (0.4, 0.6, 0.8, 1.0, 1.2, 1.5)
+_NLM_FACTORS = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5)
 
 
 @dataclass
@@ -301,13 +301,20 @@ def evaluate(sources: Sequence[str | os.PathLike | Volume], degradation: str = "
         c_eval, d_eval = clean[:-1], deg[:-1]
         c_tune, d_tune = clean[-1], deg[-1]
         to_unit, _ = _scorer(modality, vol.array, ct_window)
-        diff = (deg - clean)
-        inside = clean > -500 if modality == "CT" else np.ones(clean.shape, bool)
-        sigma = float(diff[inside].std()) if inside.any() else float(diff.std())
-        notes.append(f"{vname}: slices {zs.tolist()} scored, slice {z_tune} for tuning; true noise SD "
-                     f"{sigma:.2f} {'HU (inside the body, > -500 HU)' if modality == 'CT' else '(image units)'}")
+        if blur_kind:  # the noise added after the blur is known exactly
+            sigma = float(p.get("noise_sd", 0.0))
+            notes.append(f"{vname}: slices {zs.tolist()} scored, slice {z_tune} for tuning; added noise SD {sigma:g}")
+        else:
+            diff = (deg - clean)
+            inside = clean > -500 if modality == "CT" else np.ones(clean.shape, bool)
+            sigma = float(diff[inside].std()) if inside.any() else float(diff.std())
+            notes.append(f"{vname}: slices {zs.tolist()} scored, slice {z_tune} for tuning; true noise SD "
+                         f"{sigma:.2f} {'HU (inside the body, > -500 HU)' if modality == 'CT' else '(image units)'}")
         outputs: dict[str, tuple[np.ndarray, float]] = {}
         for m in methods:
+            if m in ("nlm", "bm3d") and sigma <= 0:
+                notes.append(f"{vname}: {m} skipped: the degradation adds no noise")
+                continue
             t0 = time.perf_counter()
             if m == "input":
                 out = d_eval
@@ -355,6 +362,8 @@ def evaluate(sources: Sequence[str | os.PathLike | Volume], degradation: str = "
             result.panel_title = vname
     for m in methods:
         rs = [r for r in result.rows if r["method"] == m]
+        if not rs:
+            continue
         result.overall[m] = {k: round(float(np.mean([r[k] for r in rs])), 5) for k in ("psnr", "ssim", "sec_per_slice")}
     conv = []
     if "CT" in modalities:

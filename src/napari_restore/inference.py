@@ -34,7 +34,8 @@ from torch import nn
 
 from .errors import Cancelled, InputError, ModelError, RestoreError
 from .intensity import Normalizer, default_spec
-from .models import BUNDLED_DIR, LoadedModel, ModelCard, find_model, load_model, user_model_dirs
+from . import models as _models
+from .models import LoadedModel, ModelCard, find_model, load_model, user_model_dirs
 from .volume import Volume
 
 TASKS = ("denoise", "deblur", "enhance", "restore")
@@ -427,7 +428,7 @@ def _blend_into(out: np.ndarray, src: np.ndarray, restored: np.ndarray, strength
 
 # ---------------------------------------------------------------------------- model resolution
 def _no_model_message(task: str, modality: str, mode: str) -> str:
-    folders = ", ".join(str(p) for p in [BUNDLED_DIR, *user_model_dirs()])
+    folders = ", ".join(str(p) for p in [_models.BUNDLED_DIR, *user_model_dirs()])
     what = (f"for {modality}" if modality in ("CT", "MR")
             else "for any modality (the volume's modality is unknown: set it to CT or MR)")
     return (f"no trained {task!r} model {what} in {mode} mode is installed (looked in {folders}). "

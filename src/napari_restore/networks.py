@@ -12,9 +12,11 @@ MONAI :class:`monai.networks.nets.UNet` used as the *residual branch* ``f`` of
 - any spatial size works: the input is padded (reflect, or replicate when too small) to a
   multiple of the total stride and the output cropped back.
 
-The default 2-D network (:data:`DEFAULT_2D`) is small on purpose: about 28 ms per 512x512
-slice on 2 CPU threads (measured with torch 2.13, MONAI 1.6), ~21 ms after
-:func:`prepare_for_inference` folds batch norm into the convolutions.
+The default 2-D network (:data:`DEFAULT_2D`, 0.16 M parameters) is small on purpose, for the
+target of >= 20 slices/s on 2 CPU cores: 28 ms per 512x512 slice on 2 idle threads (torch 2.13,
+MONAI 1.6); with batch norm folded into the convolutions (:func:`prepare_for_inference`, what
+:func:`napari_restore.inference.restore` runs) 39 ms of CPU time per slice, ~42 ms for the whole
+``restore()`` (normalise, run, invert, write), i.e. about 21-25 ms wall on 2 idle cores.
 """
 from __future__ import annotations
 

@@ -138,10 +138,12 @@ class RestoreWidget(QWidget):
 
         tabs = QTabWidget()
         tabs.addTab(self._build_restore_tab(), "Restore")
-        tabs.addTab(self._build_compare_tab(), "Compare && measure")
+        self.compare_page = self._build_compare_tab()
+        tabs.addTab(self.compare_page, "Compare && measure")
         tabs.addTab(self._build_export_tab(), "Export")
         tabs.addTab(self._build_train_tab(), "Fine-tune")
         self.tabs = tabs
+        tabs.currentChanged.connect(self._schedule_roi)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(4, 4, 4, 4)
         outer.addWidget(tabs)
@@ -319,12 +321,14 @@ class RestoreWidget(QWidget):
         rrow.addWidget(self.roi_rect)
         bl.addLayout(rrow)
         self.roi_table = QTableWidget(0, 4)
-        self.roi_table.setHorizontalHeaderLabels(["ROI", "Input mean ± SD", "Restored mean ± SD", "Noise -%"])
+        self.roi_table.setHorizontalHeaderLabels(["ROI", "Input", "Restored", "Noise"])
+        self.roi_table.setToolTip("mean ± SD inside each shape; Noise: the SD reduction in percent")
         self.roi_table.verticalHeader().setVisible(False)
         self.roi_table.setEditTriggers(QAbstractItemView.NoEditTriggers)
         self.roi_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
         self.roi_table.horizontalHeader().setStretchLastSection(True)
-        self.roi_table.setMinimumHeight(90)
+        self.roi_table.setMinimumHeight(70)
+        self.roi_table.setMaximumHeight(130)
         bl.addWidget(self.roi_table)
         self.noise_label = QLabel("Slice noise (estimated): -")
         self.noise_label.setWordWrap(True)
@@ -705,13 +709,25 @@ class RestoreWidget(QWidget):
             self.model_info.setText(f"<b>No trained {self.state.task} model for {self._modality()} is "
                                     "installed.</b> Train one in the Fine-tune tab, or Load model...")
         else:
-            self.model_info.setText(f"The best of {n} installed model(s) for the task, modality and mode.")
+            best = self._auto_card()
+            self.model_info.setText(("Auto picks " + card_html(best)) if best is not None else
+                                    f"The best of {n} installed model(s) for the task, modality and mode.")
         self.model_combo.setToolTip("")
         if layer is not None:
             has3d = any(c.dims == 3 for c in self._cards.values())
             spacing = self._layer_spacing(layer)
             mode, why = suggest_mode(spacing, has3d)
             self._set_mode(mode, why)
+
+    def _auto_card(self) -> Any:
+        """The model "Auto" runs for the current task, modality and mode (None for the pipeline)."""
+        if self.state.task == "restore":
+            return None
+        from ..models import find_model
+
+        modality = self._modality()
+        return find_model(self.state.task, modality if modality in ("CT", "MR") else "any",
+                          3 if self.state.mode == "3d" else 2)
 
     def _layer_spacing(self, layer: Any) -> tuple[float, float, float]:
         try:
@@ -841,9 +857,7 @@ class RestoreWidget(QWidget):
         def done(result):
             data = L.output_layer_data(layer, result)
             lk = L.output_layer_kwargs(layer, result, name)
-            if name in self.viewer.layers:  # a re-run replaces its own earlier output
-                self.viewer.layers.remove(name)
-            self.last_output = self.viewer.add_image(data, **lk)
+            self.last_output = self._add_or_update(data, lk)  # a re-run replaces its own earlier output
             prov = lk["metadata"][L.LAYER_META_KEY]["provenance"]
             msg = f"{name}: {prov.get('model')} on {prov.get('device')} in {prov.get('seconds', 0):.1f} s"
             self.status_label.setText(msg)
@@ -874,6 +888,22 @@ class RestoreWidget(QWidget):
                         on_progress=self._on_progress, on_end=self._end)
         self.job = job
         return job
+
+    def _add_or_update(self, data: np.ndarray, kwargs: dict[str, Any]) -> Any:
+        """Add an image layer, or refill the layer of that name (cheaper than remove + add)."""
+        from napari.layers import Image
+
+        name = kwargs["name"]
+        old = self._layer(name)
+        if isinstance(old, Image) and old.ndim == data.ndim:
+            old.data = data
+            for key in ("scale", "translate", "rotate", "shear", "affine", "metadata", "contrast_limits"):
+                setattr(old, key, kwargs[key])
+            old.refresh()
+            return old
+        if old is not None:
+            self.viewer.layers.remove(old)
+        return self.viewer.add_image(data, **kwargs)
 
     def cancel(self) -> None:
         """Ask the running restoration to stop (within one batch)."""
@@ -934,9 +964,7 @@ class RestoreWidget(QWidget):
             prov = (out.meta.get("provenance") or [{}])[-1]
             pk = L.preview_layer_kwargs(layer, name, lead, L.data_linear(layer),
                                         {"source": layer.name, "index": lead, "provenance": prov})
-            if name in self.viewer.layers:
-                self.viewer.layers.remove(name)
-            self.last_preview = self.viewer.add_image(data, **pk)
+            self.last_preview = self._add_or_update(data, pk)
             self.viewer.layers.selection.active = layer
             self.status_label.setText(f"Preview of plane {k + 1}: {prov.get('model')} in {secs * 1000:.0f} ms")
             self.progress_bar.setRange(0, 1)
@@ -1076,7 +1104,7 @@ class RestoreWidget(QWidget):
             shapes = self.viewer.add_shapes(
                 ndim=inp.ndim, name=ROI_LAYER, scale=np.asarray(inp.scale), translate=np.asarray(inp.translate),
                 rotate=np.asarray(inp.rotate), shear=np.asarray(inp.shear), affine=np.asarray(inp.affine.affine_matrix),
-                edge_color="yellow", face_color="transparent", edge_width=1.5)
+                edge_color="yellow", face_color="transparent", edge_width=2)
             shapes.events.data.connect(self._schedule_roi)
             shapes.events.set_data.connect(self._schedule_roi)
         self.viewer.layers.selection.active = shapes
@@ -1084,7 +1112,8 @@ class RestoreWidget(QWidget):
         return shapes
 
     def _schedule_roi(self, *args: Any) -> None:
-        if hasattr(self, "_roi_timer"):
+        """Recompute the statistics soon, when the Compare tab is showing (they cost ~0.1 s)."""
+        if hasattr(self, "_roi_timer") and hasattr(self, "tabs") and self.tabs.currentWidget() is self.compare_page:
             self._roi_timer.start()
 
     def update_roi_stats(self) -> list[RoiRow]:
@@ -1105,13 +1134,15 @@ class RestoreWidget(QWidget):
                 self.roi_rows = roi_table(list(shapes.data), list(shapes.shape_type), inp.data, restored)
             except RestoreError as exc:
                 self.noise_label.setText(str(exc))
+        self.roi_table.setHorizontalHeaderLabels(["ROI", f"Input{unit and ' (HU)'}", f"Restored{unit and ' (HU)'}",
+                                                  "Noise"])
         for row in self.roi_rows:
             r = self.roi_table.rowCount()
             self.roi_table.insertRow(r)
             red = row.noise_reduction
-            cells = [f"{row.shape + 1} {row.kind}", f"{row.mean_in:.1f} ± {row.sd_in:.1f}{unit}",
-                     "-" if row.sd_out is None else f"{row.mean_out:.1f} ± {row.sd_out:.1f}{unit}",
-                     "-" if red is None else f"{red:.0f} %"]
+            cells = [f"{row.shape + 1} {row.kind}", f"{row.mean_in:.1f} ± {row.sd_in:.1f}",
+                     "-" if row.sd_out is None else f"{row.mean_out:.1f} ± {row.sd_out:.1f}",
+                     "-" if red is None else f"{-red:+.0f} %"]
             for c, text in enumerate(cells):
                 item = QTableWidgetItem(text)
                 item.setToolTip(f"{row.pixels} pixels on plane {tuple(i + 1 for i in row.index)}")

@@ -58,6 +58,7 @@ def save(volume: Volume, path: str | os.PathLike, format: str | None = None,
         The path written.
     """
     path = Path(path)
+    _refuse_overwriting_source(volume, path)
     suffix = _suffix(path)
     fmt = (format or "").lower() or (
         "nifti" if suffix in NIFTI_SUFFIXES else "sitk" if suffix in SITK_SUFFIXES
@@ -76,6 +77,20 @@ def save(volume: Volume, path: str | os.PathLike, format: str | None = None,
 
         return write_dicom_series(volume, path, overwrite=overwrite, **kwargs)
     raise OutputError(f"unknown output format {format or suffix!r}; use .nii, .nii.gz, .mha, .nrrd or a folder for DICOM", path)
+
+
+def _refuse_overwriting_source(volume: Volume, path: Path) -> None:
+    """Inputs are never modified: no output onto, inside or around the volume's source."""
+    source = (volume.meta or {}).get("source_path")
+    if not source:
+        return
+    try:
+        src, out = Path(source).resolve(), path.resolve()
+    except (OSError, RuntimeError):
+        return
+    if out == src or src in out.parents or out in src.parents:
+        raise OutputError(f"the output would replace or sit inside the input {src}; inputs are never modified, "
+                          "choose another output path", path)
 
 
 __all__ = ["load", "save"]

@@ -406,6 +406,10 @@ def _frames_of(path: Path) -> list[Frame]:
     # legacy multi-frame: frames are parallel planes along the normal (GridFrameOffsetVector) or, with no
     # geometry, a plain stack
     offsets = h.get("GridFrameOffsetVector")
+    if offsets is not None and not isinstance(offsets, (list, tuple, pydicom.multival.MultiValue)):
+        offsets = [offsets]
+    if offsets is not None and (_vec(offsets, len(offsets)) is None):
+        offsets = None  # non-numeric or non-finite offsets: treat the frames as a plain stack
     if pos is not None and row_dir is not None and offsets is not None and len(offsets) == n_frames:
         normal = np.cross(row_dir, col_dir)
         return [Frame(path, h, i, pos + float(o) * normal, row_dir, col_dir, spacing, slope, intercept, (i,))
@@ -582,7 +586,10 @@ def _check_pixel_size(path: Path, h: Dataset, rows: int, cols: int, bits: int, n
     """
     size = path.stat().st_size
     ts = getattr(getattr(h, "file_meta", None), "TransferSyntaxUID", None)
-    compressed = bool(ts) and getattr(ts, "is_compressed", False)
+    try:
+        compressed = bool(ts) and bool(ts.is_compressed)
+    except (AttributeError, ValueError):  # an unknown transfer syntax: no size can be promised
+        compressed = True
     expected = rows * cols * n_frames * max(bits, 8) // 8 if bits != 1 else (rows * cols * n_frames + 7) // 8
     if not compressed and expected > size:
         raise InputError(f"the header describes {n_frames} frame(s) of {rows}x{cols} at {bits} bits "

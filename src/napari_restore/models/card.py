@@ -103,7 +103,10 @@ class ModelCard:
         sd = arch.get("args", {}).get("spatial_dims", data["dims"])
         if sd != data["dims"]:
             raise bad(f"dims={data['dims']} but the architecture has spatial_dims={sd}")
-        intensity = validate_spec(data["intensity"], source=str(where or "card"))
+        try:
+            intensity = validate_spec(data["intensity"], source="card")
+        except ModelError as exc:
+            raise ModelError(f"invalid model card: {exc}", where) from None
         patch = data.get("patch_size")
         if patch is not None and (not isinstance(patch, list) or len(patch) != data["dims"]
                                   or not all(isinstance(p, int) and p > 0 for p in patch)):

@@ -212,6 +212,7 @@ class TrainResult:
         stopped_early: early stopping ended the run.
         seconds: wall time of this call.
         network: the final (best) network, unwrapped from DDP, eval mode, on the CPU.
+        world_size: number of processes that trained (DDP).
     """
 
     model_dir: Path
@@ -224,6 +225,7 @@ class TrainResult:
     stopped_early: bool
     seconds: float
     network: Any = None
+    world_size: int = 1
 
 
 # ---------------------------------------------------------------------------- argparse

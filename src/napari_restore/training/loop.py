@@ -431,16 +431,16 @@ class _Run:
             save_model(net, self._card(), cfg.output, overwrite=cfg.overwrite or bool(cfg.resume))
         barrier(info)
         return TrainResult(Path(cfg.output), run_dir, self.history, self.best, self.base, self.epoch, self.step,
-                           stopped_early, time.perf_counter() - self.t0, net)
+                           stopped_early, time.perf_counter() - self.t0, net, info.world_size)
 
     def _card(self) -> dict[str, Any]:
         cfg = self.cfg
         metrics: dict[str, Any] = {"epochs": self.epoch, "steps": self.step}
         for k in ("val_loss", "val_psnr", "val_ssim"):
             if self.best.get(k) is not None:
-                metrics[k] = round(float(self.best[k]), 5)
+                metrics[k] = float(f"{float(self.best[k]):.6g}")
             if self.base.get(k) is not None:
-                metrics[k + "_input"] = round(float(self.base[k]), 5)
+                metrics[k + "_input"] = float(f"{float(self.base[k]):.6g}")
         if metrics.get("val_psnr") is not None and metrics.get("val_psnr_input") is not None:
             metrics["psnr_gain_db"] = round(metrics["val_psnr"] - metrics["val_psnr_input"], 3)
         if self.modality == "CT" and "val_psnr" in metrics:

@@ -1,0 +1,205 @@
+"""Training on real slices from ../shared/data: learning, exact resume, modes, bad inputs."""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from napari_restore.errors import Cancelled, InputError, ModelError, OutputError
+from napari_restore.training import TrainConfig, train
+from napari_restore.training.data import load_series, match_pairs, split_series
+from napari_restore.training.losses import gather_cells, n2v_mask, neighbor_subsample
+
+TINY = {"channels": [8, 16, 32], "strides": [2, 2]}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _cfg(tmp_path, data, **kw):
+    base = dict(data=[str(d) for d in data], output=str(tmp_path / "model"), architecture=TINY, patch_size=(32, 32),
+                batch_size=4, epochs=2, steps_per_epoch=4, val_slices=2, val_crop=64, patience=0,
+                progress_bar=False, tensorboard=False, seed=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_reduces_validation_loss(shared_data, tmp_path, cache):
+    ct = shared_data / "ct"
+    cfg = _cfg(tmp_path, [ct / "siemens-body-j2k"], val_data=[str(ct / "philips-head-phantom" / "exam" / "S2010")],
+               architecture={"channels": [16, 32, 64], "strides": [2, 2]}, patch_size=(48, 48), batch_size=8,
+               epochs=3, steps_per_epoch=8, lr=3e-3, dose_range=(0.1, 0.5), val_crop=64, cache_dir=str(cache),
+               tensorboard=True)
+    result = train(cfg)
+    h = result.history
+    assert [r["epoch"] for r in h] == [1, 2, 3] and h[-1]["step"] == 24
+    assert result.best["val_loss"] < h[0]["val_loss"]  # validation loss went down during training
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    assert all(np.isfinite([r["val_psnr"], r["val_ssim"]]).all() for r in h)
+    # the model folder: best weights and a card with the data, the command and the figures
+    card = json.loads((result.model_dir / "card.json").read_text())
+    assert card["modality"] == "CT" and card["task"] == "denoise" and card["dims"] == 2
+    assert any("siemens-body-j2k" in s for s in card["training_data"])
+    assert card["metrics"]["val_loss"] == pytest.approx(result.best["val_loss"], rel=1e-4)
+    assert "val_psnr_input" in card["metrics"] and "W400/L50" in card["metrics"]["metric_convention"]
+    assert card["training"]["command"] and card["training"]["validation_data"]
+    rows = list(csv.DictReader(open(result.run_dir / "log.csv")))
+    assert len(rows) == 4 and rows[0]["epoch"] == "0"  # baseline + 3 epochs
+    assert any((result.run_dir / "tensorboard").iterdir())
+    assert (result.run_dir / "best.pt").is_file() and (result.run_dir / "last.pt").is_file()
+    # decoded volumes were cached as normalised float32 .npy
+    assert list(cache.glob("*.npy"))
+    # the model loads and runs through the public API
+    from napari_restore import load, restore
+
+    vol = load(shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz")[0]
+    out = restore(vol, model=str(result.model_dir), device="cpu")
+    assert out.array.shape == vol.array.shape and np.isfinite(out.array).all()
+
+
+def test_resume_continues_from_the_saved_step(shared_data, tmp_path):
+    nif = shared_data / "ct" / "nifti"
+    kw = dict(val_data=[str(nif / "cta_aorta_cropped.nii.gz")], epochs=3, steps_per_epoch=3, schedule="cosine")
+    straight = train(_cfg(tmp_path / "a", [nif / "example_ct_sm.nii.gz"], **kw))
+
+    calls = []
+
+    def cancel_after_first_epoch():
+        calls.append(1)
+        return len(calls) > 3  # 3 steps = one epoch, then cancel
+
+    with pytest.raises(Cancelled):
+        train(_cfg(tmp_path / "b", [nif / "example_ct_sm.nii.gz"], **kw), cancel=cancel_after_first_epoch)
+    run_b = tmp_path / "b" / "model.run"
+    ckpt = torch.load(run_b / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 3
+    assert not (tmp_path / "b" / "model").exists()  # cancelled: no model written
+    resumed = train(_cfg(tmp_path / "b", [nif / "example_ct_sm.nii.gz"], resume=str(run_b), **kw))
+    assert [r["step"] for r in resumed.history] == [3, 6, 9]
+    assert resumed.steps == straight.steps == 9
+    a, b = straight.network.state_dict(), resumed.network.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert [r["val_loss"] for r in resumed.history] == pytest.approx([r["val_loss"] for r in straight.history], rel=1e-4)
+
+
+def test_paired_mode_matches_by_position(shared_data, tmp_path):
+    from napari_restore import load, save
+    from napari_restore.degrade import degrade
+    from napari_restore.volume import Volume
+
+    nif = shared_data / "ct" / "nifti"
+    full_dir, low_dir = tmp_path / "full", tmp_path / "low"
+    full_dir.mkdir()
+    low_dir.mkdir()
+    for name in ("example_ct_sm.nii.gz", "cta_aorta_cropped.nii.gz"):
+        v = load(nif / name)[0]
+        v = Volume(v.array[:12], v.affine, "CT", {})
+        save(v, full_dir / name)
+        low = degrade(v, "ct_lowdose", dose=0.2, method="image", seed=0)
+        # the low-dose series lacks its first two slices: slices must be matched by position
+        shift = low.affine.copy()
+        shift[:3, 3] = low.affine[:3, :3] @ np.array([2.0, 0, 0]) + low.affine[:3, 3]
+        save(Volume(low.array[2:], shift, "CT", {}), low_dir / name)
+    full = load_series([full_dir])
+    lows = load_series([low_dir])
+    pairs = match_pairs(lows, full)
+    assert len(pairs) == 2
+    for lo, fu in pairs:
+        assert lo.array.shape == fu.array.shape and lo.array.shape[0] == 10
+        # matched slices are the same anatomy: low-dose minus full-dose is noise only (small mean)
+        assert abs(float(np.mean(lo.array - fu.array))) * 512 < 5.0
+    result = train(_cfg(tmp_path, [full_dir], mode="paired", low_data=[str(low_dir)], epochs=1))
+    assert np.isfinite(result.history[-1]["val_loss"]) and np.isfinite(result.baseline["val_psnr"])
+
+    # a low-dose series offset by half a slice matches nothing: clear error before training
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    v = load(full_dir / "example_ct_sm.nii.gz")[0]
+    off = v.affine.copy()
+    off[:3, 3] += v.affine[:3, 0] * 0.5
+    save(Volume(v.array, off, "CT", {}), bad_dir / "x.nii.gz")
+    progress = []
+    with pytest.raises(InputError, match="matches no full-dose series"):
+        train(_cfg(tmp_path / "c", [full_dir], mode="paired", low_data=[str(bad_dir)]),
+              progress=lambda *a: progress.append(a))
+    assert progress == []
+
+
+def test_self_supervised_modes_run(shared_data, tmp_path):
+    nif = shared_data / "ct" / "nifti"
+    common = dict(val_data=[str(nif / "cta_aorta_cropped.nii.gz")], mode="self-supervised", epochs=1,
+                  steps_per_epoch=3, patch_size=(64, 64))
+    n2n = train(_cfg(tmp_path / "n2n", [nif / "example_ct_sm.nii.gz"], pd_factor=2, **common))
+    n2v = train(_cfg(tmp_path / "n2v", [nif / "example_ct_sm.nii.gz"], self_supervised="n2v", blind_spot=3,
+                     n2v_spacing=6, **common))
+    for r in (n2n, n2v):
+        assert np.isfinite(r.history[-1]["train_loss"]) and np.isfinite(r.history[-1]["val_loss"])
+        card = json.loads((r.model_dir / "card.json").read_text())
+        assert card["training"]["mode"] == "self-supervised"
+
+
+def test_self_supervised_samplers():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(2 * 8 * 8, dtype=torch.float32).reshape(2, 1, 8, 8)
+    i1, i2, _ = neighbor_subsample(y, g)
+    g1, g2 = gather_cells(y, i1), gather_cells(y, i2)
+    d = (g1 - g2).abs()  # indices differ by 1 (horizontal) or 8 (vertical) neighbours, never diagonal
+    assert set(d.unique().tolist()) <= {1.0, 8.0}
+    y = torch.randn(2, 1, 32, 32)
+    masked, centres = n2v_mask(y, blind_spot=3, spacing=8, generator=g)
+    assert int(centres.sum()) == 2 * 4 * 4
+    near = torch.nn.functional.max_pool2d(centres.float(), 3, 1, 1).bool()  # the 3x3 boxes
+    assert bool((masked[near] != y[near]).all())  # the whole blind-spot box is replaced
+    assert torch.equal(masked[~near], y[~near])  # everything else untouched
+
+
+def test_bad_inputs_fail_before_training(shared_data, tmp_path, cache):
+    nif = shared_data / "ct" / "nifti"
+    progress = []
+    prog = lambda *a: progress.append(a)  # noqa: E731
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="empty"):
+        train(_cfg(tmp_path, [empty]), progress=prog)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not an image")
+    with pytest.raises(InputError, match="junk"):
+        train(_cfg(tmp_path, [junk]), progress=prog)
+    with pytest.raises(InputError, match="no such file"):
+        train(_cfg(tmp_path, [tmp_path / "missing"]), progress=prog)
+    with pytest.raises(InputError, match="too few to split"):
+        train(_cfg(tmp_path, [nif / "example_ct_sm.nii.gz"]), progress=prog)
+    with pytest.raises(InputError, match="patch_size"):
+        train(_cfg(tmp_path, [nif / "example_ct_sm.nii.gz"], patch_size=(8, 8)), progress=prog)
+    # a checkpoint of another architecture
+    first = train(_cfg(tmp_path / "one", [nif / "example_ct_sm.nii.gz"], val_data=[str(nif / "cta_aorta_cropped.nii.gz")],
+                       epochs=1, steps_per_epoch=1))
+    progress.clear()
+    with pytest.raises(ModelError, match="architecture"):
+        train(_cfg(tmp_path / "two", [nif / "example_ct_sm.nii.gz"], val_data=[str(nif / "cta_aorta_cropped.nii.gz")],
+                   architecture={"channels": [8, 16], "strides": [2]}, resume=str(first.run_dir)), progress=prog)
+    with pytest.raises(ModelError, match="not a napari-restore"):
+        torch.save({"w": torch.zeros(1)}, tmp_path / "other.pt")
+        train(_cfg(tmp_path / "three", [nif / "example_ct_sm.nii.gz"], resume=str(tmp_path / "other.pt")), progress=prog)
+    with pytest.raises(OutputError, match="exists"):
+        train(_cfg(tmp_path / "one", [nif / "example_ct_sm.nii.gz"], val_data=[str(nif / "cta_aorta_cropped.nii.gz")]),
+              progress=prog)
+    assert progress == []
+    assert not (tmp_path / "two" / "model.run").exists() and not (tmp_path / "three" / "model.run").exists()
+
+
+def test_split_never_shares_a_series(shared_data, cache):
+    nif = shared_data / "ct" / "nifti"
+    series = load_series([nif / "example_ct_sm.nii.gz", nif / "cta_aorta_cropped.nii.gz",
+                          nif / "cta_pulmonary_cropped.nii.gz"], cache_dir=cache)
+    assert len(series) == 3
+    tr, va = split_series(series, 0.3, seed=0)
+    assert tr and va and not ({s.group for s in tr} & {s.group for s in va})
+    assert split_series(series, 0.3, seed=0)[1][0].key == va[0].key  # deterministic
