@@ -32,9 +32,12 @@ def _fuzz_module():
 
 def test_seeded_campaign_has_no_crash_and_no_hang(shared_data, tmp_path):
     fuzz = _fuzz_module()
-    counts = fuzz.run_campaign(240, seed=20240, workers=2, timeout=10.0, workdir=tmp_path)
+    log_path = tmp_path / "fuzz.jsonl"
+    with open(log_path, "w") as log:  # 30 s: a busy shared CI machine must not pass for a hang
+        counts = fuzz.run_campaign(240, seed=20240, workers=2, timeout=30.0, workdir=tmp_path / "work", log=log)
     summary = {k: counts[k] for k in ("read", "refused", "crash", "hang")}
-    assert summary["crash"] == 0 and summary["hang"] == 0, summary
+    bad = [ln for ln in log_path.read_text().splitlines() if '"crash"' in ln or '"hang"' in ln]
+    assert summary["crash"] == 0 and summary["hang"] == 0, (summary, bad[:5])
     assert summary["read"] > 20 and summary["refused"] > 20, summary  # the mutations bite, the seeds read
     for kind in fuzz.KINDS:
         assert counts[f"{kind}:read"] + counts[f"{kind}:refused"] > 0, kind

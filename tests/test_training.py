@@ -203,3 +203,22 @@ def test_split_never_shares_a_series(shared_data, cache):
     tr, va = split_series(series, 0.3, seed=0)
     assert tr and va and not ({s.group for s in tr} & {s.group for s in va})
     assert split_series(series, 0.3, seed=0)[1][0].key == va[0].key  # deterministic
+
+
+def test_module_entry_point(shared_data, tmp_path, capsys):
+    from napari_restore.training.__main__ import main
+
+    nif = shared_data / "ct" / "nifti"
+    out = tmp_path / "cli-model"
+    rc = main([str(nif / "example_ct_sm.nii.gz"), "-o", str(out), "--val-data", str(nif / "cta_aorta_cropped.nii.gz"),
+               "--channels", "8,16,32", "--patch-size", "32,32", "--batch-size", "2", "--epochs", "1",
+               "--steps-per-epoch", "2", "--val-slices", "1", "--val-crop", "64", "--no-tensorboard"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert f"saved {out}" in captured.out and "validation PSNR" in captured.out
+    assert "train" in captured.err  # the tqdm progress bar
+    card = json.loads((out / "card.json").read_text())
+    assert card["architecture"]["args"]["channels"] == [8, 16, 32]
+    assert "--channels" in card["training"]["command"] or card["training"]["command"]
+    rc = main([str(tmp_path / "nowhere"), "-o", str(tmp_path / "x")])
+    assert rc == 2 and "no such file or folder" in capsys.readouterr().err

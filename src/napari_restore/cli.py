@@ -1,6 +1,6 @@
 """``napari-restore``: the command line, a thin face over the public API.
 
-Sub-commands: ``restore`` (one file or series), ``info`` (version, device, models; the series
+Sub-commands: ``restore`` (one file or series), ``batch`` (a whole tree), ``info`` (version, device, models; the series
 in an input), ``demo`` (restore the bundled sample phantom and write a before/after picture).
 Exit codes: 0 success, 1 an error we explain (bad input, bad model, unwritable output),
 2 bad command-line usage, 130 cancelled (Ctrl-C; nothing is written).
@@ -160,6 +160,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    """Restore every image series under INPUT_ROOT into OUTPUT_ROOT (see napari_restore.batch)."""
+    from .batch import run_batch
+
+    warnings.simplefilter("ignore", UserWarning)  # reader notes go to the manifest's warnings column
+    result = run_batch(args.input_root, args.output_root, task=args.task, model=args.model, mode=args.mode,
+                       device=args.device, format=args.format, deidentify=args.deidentify,
+                       deidentify_key=args.deidentify_key, deidentify_dates=args.deidentify_dates,
+                       accept_burned_in=args.accept_burned_in, retry_failed=args.retry_failed, dry_run=args.dry_run,
+                       shard=args.shard, readers=args.readers, writers=args.writers, prefetch=args.prefetch,
+                       max_voxels=args.max_voxels, strength=args.strength, batch_size=args.batch_size,
+                       tile=args.tile, progress=False if args.no_progress else "auto")
+    return result.exit_code
+
+
 # ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-restore", description="Restore CT and MR volumes (denoise, deblur, "
@@ -212,6 +227,46 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("batch", help="restore every image series of a tree of studies (resumable, shardable)",
+                       description="Walk INPUT_ROOT (DICOM folders, DICOMDIR, NIfTI/MHA files), restore every image "
+                                   "series (localizers, secondary captures, reports and other non-image objects are "
+                                   "skipped and counted) and write the results under OUTPUT_ROOT mirroring the input "
+                                   "tree, with OUTPUT_ROOT/manifest.csv (one row per series). Rerunning the same "
+                                   "command skips what is done. Exit code 0 when every series is done, 1 otherwise. "
+                                   "Under torchrun each rank takes its share; --shard i/n does the same for job arrays.")
+    b.add_argument("input_root", help="the input tree (never modified)")
+    b.add_argument("output_root", help="the output tree; manifest.csv is written here")
+    b.add_argument("--task", choices=TASKS, default="denoise", help="as for restore (default denoise)")
+    b.add_argument("--model", default=None, help="an installed model's name or a model folder/.pt/.json path, loaded "
+                   "once; default: the best installed model for the task and each series' modality")
+    b.add_argument("--mode", choices=("2d", "3d"), default="2d", help="as for restore (default 2d)")
+    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (under torchrun: auto = one GPU per "
+                   "rank by LOCAL_RANK)")
+    b.add_argument("--format", choices=("auto", "dicom", "nifti"), default="auto",
+                   help="output: a DICOM series per input series, or one .nii.gz each; default auto = like the input")
+    b.add_argument("--deidentify", action="store_true", help="DICOM output: PS3.15 Annex E basic profile (as restore)")
+    b.add_argument("--deidentify-key", default=None, help="secret key for a UID/date mapping that is the same across "
+                   "runs and shards (default $NAPARI_RESTORE_DEID_KEY; under torchrun rank 0's random key is shared)")
+    b.add_argument("--deidentify-dates", choices=("remove", "shift"), default="remove", help="as for restore")
+    b.add_argument("--accept-burned-in", action="store_true", help="with --deidentify: export sources flagged "
+                   "BurnedInAnnotation=YES")
+    b.add_argument("--retry-failed", action="store_true", help="run again the series the manifest records as failed")
+    b.add_argument("--dry-run", action="store_true", help="list what would be done (and what is done already); write "
+                   "nothing")
+    b.add_argument("--shard", default=None, metavar="I/N", help="do share I (0-based) of N, e.g. for Slurm arrays "
+                   "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; every share writes its own manifest part, "
+                   "merged into manifest.csv as shares finish")
+    b.add_argument("--readers", type=int, default=2, help="reader threads (default 2)")
+    b.add_argument("--writers", type=int, default=2, help="writer threads (default 2)")
+    b.add_argument("--prefetch", type=int, default=1, help="series read ahead of the model (default 1)")
+    b.add_argument("--max-voxels", type=int, default=None, help="record series larger than this as failed "
+                   "('too large') instead of reading them")
+    b.add_argument("--strength", type=float, default=1.0, help="as for restore")
+    b.add_argument("--batch-size", type=int, default=None, help="as for restore")
+    b.add_argument("--tile", type=int, default=None, help="as for restore")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar (one line per series is still printed)")
+    b.set_defaults(func=cmd_batch)
     return p
 
 

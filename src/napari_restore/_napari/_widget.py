@@ -20,12 +20,13 @@ from typing import Any
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (QAbstractItemView, QButtonGroup, QCheckBox, QComboBox, QDoubleSpinBox,
-                            QFileDialog, QFormLayout, QFrame, QGridLayout, QGroupBox, QHBoxLayout,
+                            QFileDialog, QFormLayout, QGroupBox, QHBoxLayout,
                             QHeaderView, QLabel, QLineEdit, QListWidget, QListWidgetItem, QMessageBox,
-                            QProgressBar, QPushButton, QRadioButton, QSizePolicy, QSlider, QSpinBox,
+                            QProgressBar, QPushButton, QRadioButton, QSlider, QSpinBox,
                             QTableWidget, QTableWidgetItem, QTabWidget, QToolButton, QVBoxLayout, QWidget)
 
-from ..errors import Cancelled, InputError, OutputError, RestoreError
+from ..errors import InputError, OutputError, RestoreError
+from ..volume import Volume
 from . import _layers as L
 from ._plot import CurvePlot
 from ._roi import RoiRow, roi_table, slice_noise
@@ -1368,7 +1369,7 @@ class RestoreWidget(QWidget):
         """Fine-tune in a worker with the panel's settings; ``overrides`` go to ``TrainConfig``.
 
         Layers are written to a temporary folder as NIfTI (with their geometry) and passed as
-        data; with a single scan, validation uses that same scan (said in the status line).
+        data; a single scan is split along z: its last fifth of slices validates.
         """
         if self.train_state.running:
             return None
@@ -1376,6 +1377,8 @@ class RestoreWidget(QWidget):
             from ..training import TrainConfig
 
             t = self.train_state
+            self._drop_train_tmp()
+            self.train_result = None
             tmp = Path(tempfile.mkdtemp(prefix="napari-restore-train-"))
             self._train_tmp = tmp
             low: list[str] = []
@@ -1383,19 +1386,31 @@ class RestoreWidget(QWidget):
                 if not t.folder or not Path(t.folder).exists():
                     raise InputError("choose an existing folder of scans", t.folder or None)
                 data = [t.folder]
-                sizes = None
+                sizes, val = None, []
             else:
                 layers = self._checked_train_layers()
                 if not layers:
                     raise InputError("tick at least one image layer to train on")
-                data, sizes = [], []
-                for n, lay in enumerate(layers):
-                    p = tmp / f"data{n:02d}.nii.gz"
-                    from .. import save
+                from .. import save
 
-                    save(L.layer_volume(lay), p)
-                    data.append(str(p))
+                data, sizes, val = [], [], []
+                for n, lay in enumerate(layers):
+                    vol = L.layer_volume(lay)
                     sizes.append(min(np.shape(lay.data)[-2:]))
+                    if len(layers) == 1 and t.mode != "paired" and vol.array.ndim == 3 and vol.array.shape[0] >= 5:
+                        # one scan: hold out its last fifth of slices (a separate file) for validation
+                        nz = vol.array.shape[0]
+                        cut = nz - max(1, round(0.2 * nz))
+                        for part, (a, b) in (("data", (0, cut)), ("val", (cut, nz))):
+                            aff = vol.affine.copy()
+                            aff[:3, 3] += a * aff[:3, 0]
+                            p = tmp / f"{part}{n:02d}.nii.gz"
+                            save(Volume(vol.array[a:b], aff, vol.modality, {"description": lay.name}), p)
+                            (data if part == "data" else val).append(str(p))
+                        continue
+                    p = tmp / f"data{n:02d}.nii.gz"
+                    save(vol, p)
+                    data.append(str(p))
                 if t.mode == "paired":
                     low_layer = self._layer(self.low_combo.currentText())
                     if low_layer is None or low_layer in layers:
@@ -1417,8 +1432,8 @@ class RestoreWidget(QWidget):
                 side = max(32, min(128, min(sizes) // 16 * 16))
                 cfg["patch_size"] = (side, side)
                 cfg["val_crop"] = min(256, min(sizes))
-                if len(data) < 2:
-                    cfg["val_data"] = list(data)
+                if val:
+                    cfg["val_data"] = val
             cfg.update(overrides)
             config = TrainConfig(**cfg)
         except RestoreError as exc:
@@ -1542,12 +1557,19 @@ class RestoreWidget(QWidget):
         _notify("info", f"Model {card.name!r} saved to {dest}")
         return dest
 
+    def _drop_train_tmp(self) -> None:
+        """Delete the previous run's temporary folder (layer copies, run logs, unsaved model)."""
+        if self._train_tmp is not None and self.train_job is None:
+            shutil.rmtree(self._train_tmp, ignore_errors=True)
+            self._train_tmp = None
+
     # =========================================================================== teardown
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt name
         save_settings(self._states)
         for job in (self.job, self.export_job, self.train_job):
             if job is not None:
                 job.cancel()
+        self._drop_train_tmp()
         super().closeEvent(event)
 
 

@@ -250,7 +250,9 @@ def load_series(paths: Sequence[str | os.PathLike], modality: str = "auto", spec
         for src in _expand(p):
             series += _load_source(src, modality, spec, cache)
     if not series:
-        raise InputError(f"training data: no usable CT or MR series found in {', '.join(map(str, paths))}")
+        hint = "" if modality != "auto" else " (series of unknown modality, e.g. NIfTI without it, need modality='CT' or 'MR', --modality)"
+        raise InputError(f"training data: no usable {'CT or MR' if modality == 'auto' else modality} series found in "
+                         f"{', '.join(map(str, paths))}{hint}")
     if modality == "auto":
         counts = {m: sum(s.modality == m for s in series) for m in ("CT", "MR")}
         chosen = max(counts, key=counts.get)
@@ -511,7 +513,7 @@ def validation_set(series: list[SeriesData], patch_size: Sequence[int], n_per_se
                    seed: int = 0) -> list[dict[str, Any]]:
     """Fixed validation items ``{"input", "target", "series"}`` (arrays ``(1, ...)``), the same every epoch.
 
-    2-D: up to ``n_per_series`` evenly spaced slices, centre-cropped to ``crop`` (0 = whole);
+    2-D: up to ``n_per_series`` slices evenly spaced over the middle 80 %, centre-cropped to ``crop`` (0 = whole);
     3-D: patches of ``patch_size`` at evenly spaced depths. Degradations use fixed seeds.
     """
     items = []
@@ -520,7 +522,9 @@ def validation_set(series: list[SeriesData], patch_size: Sequence[int], n_per_se
         three_d = len(patch_size) == 3
         depth = int(patch_size[0]) if three_d else 1
         n = max(1, min(n_per_series, nz if not three_d else max(1, nz // max(depth, 1))))
-        zs = np.unique(np.linspace(0, max(nz - depth, 0), n).round().astype(int))
+        top = max(nz - depth, 0)  # evenly spaced over the middle 80 % (the ends are often empty)
+        zs = (np.array([top / 2]) if n == 1 else np.linspace(0.1 * top, 0.9 * top, n))
+        zs = np.unique(zs.round().astype(int))
         cy = min(ny, crop) if crop else ny
         cx = min(nx, crop) if crop else nx
         if three_d:

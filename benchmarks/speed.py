@@ -1,0 +1,157 @@
+"""Speed benchmark: our 2-D model vs non-local means vs BM3D on real 512x512 CT slices.
+
+One run, side by side, on the same slices of a real CT series from ../shared/data:
+- ours, preloaded: ``restore()`` on a Volume already in memory (the network the package ships:
+  networks.DEFAULT_2D; speed does not depend on the weights);
+- ours, end to end: read the DICOM series -> restore -> write a derived DICOM series;
+- skimage non-local means (fast mode, patch 5, search 13) and BM3D (``pip install bm3d``, the
+  optional benchmark extra) on a few slices each.
+Prints the machine, the inputs and a table; writes ``docs/speed.md`` and ``docs/speed.png``.
+
+Usage: ``python benchmarks/speed.py [--series PATH] [--bm3d-slices 2] [--nlm-slices 4]``
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import napari_restore as nr
+from napari_restore.models import save_model
+from napari_restore.networks import DEFAULT_2D, build_network
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SERIES = REPO.parent / "shared" / "data" / "ct" / "philips-head-phantom" / "exam" / "S2020"
+
+
+def machine() -> str:
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"{cpu}; {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "
+            f"GPU: {gpu}; load average at start {load:.2f}")
+
+
+def shipped_model(folder: Path) -> Path:
+    net = build_network("ResidualUNet", DEFAULT_2D)
+    card = {"name": "speed-probe", "version": "0.0.0", "task": "denoise", "modality": "CT", "dims": 2,
+            "intensity": {"kind": "ct", "center": 0.0, "scale": 512.0, "clip": [-1024.0, 3071.0]},
+            "training_data": "untrained: the shipped architecture, for timing only"}
+    return save_model(net, card, folder / "speed-probe")
+
+
+def timed(fn, repeat: int = 1):
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--series", type=Path, default=DEFAULT_SERIES)
+    p.add_argument("--nlm-slices", type=int, default=4)
+    p.add_argument("--bm3d-slices", type=int, default=2)
+    p.add_argument("--gpu", action="store_true", help="also time the model on CUDA from a preloaded tensor")
+    p.add_argument("--out", type=Path, default=REPO / "docs")
+    args = p.parse_args(argv)
+
+    print(f"machine: {machine()}")
+    tmp = Path(tempfile.mkdtemp(prefix="napari-restore-speed-"))
+    model = shipped_model(tmp)
+    vol = nr.load(args.series)[0]
+    n = vol.array.shape[0]
+    print(f"input: {args.series.name}: {n} slices of {vol.array.shape[1]}x{vol.array.shape[2]} ({vol.modality})")
+    rows: list[tuple[str, int, float]] = []
+
+    nr.restore(vol.copy_with(vol.array[:4]), model=str(model), device="cpu")  # warm-up
+    t, _ = timed(lambda: nr.restore(vol, model=str(model), device="cpu"), repeat=2)
+    rows.append(("ours 2D, preloaded volume (CPU)", n, t))
+
+    def end_to_end():
+        v = nr.load(args.series)[0]
+        r = nr.restore(v, model=str(model), device="cpu")
+        nr.save(r, tmp / "e2e", format="dicom", overwrite=True)
+
+    t, _ = timed(end_to_end, repeat=2)
+    rows.append(("ours 2D, end to end: read DICOM -> restore -> write DICOM (CPU)", n, t))
+
+    if args.gpu and torch.cuda.is_available():
+        from napari_restore.models import load_model
+
+        net = load_model(str(model), device="cuda").network
+        x = torch.randn(64, 1, 512, 512, device="cuda")
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+            net(x)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                net(x)
+            torch.cuda.synchronize()
+        rows.append(("ours 2D, preloaded tensor (GPU, fp16, batch 64)", 640, time.perf_counter() - t0))
+        vg = nr.load(args.series)[0]
+        t, _ = timed(lambda: nr.restore(vg, model=str(model), device="cuda"), repeat=2)
+        rows.append(("ours 2D, preloaded volume (GPU)", n, t))
+
+    from skimage.restoration import denoise_nl_means
+
+    sl = [vol.array[n // 2 + i] for i in range(args.nlm_slices)]
+    sigma = 20.0
+    t, _ = timed(lambda: [denoise_nl_means(s, h=0.8 * sigma, sigma=sigma, patch_size=5, patch_distance=6,
+                                           fast_mode=True) for s in sl])
+    rows.append(("skimage non-local means (fast, patch 5, search 13)", len(sl), t))
+
+    try:
+        import bm3d
+    except ImportError:
+        print("BM3D not installed (pip install bm3d): its row is left out")
+    else:
+        sl = [vol.array[n // 2 + i].astype(np.float64) for i in range(args.bm3d_slices)]
+        t, _ = timed(lambda: [bm3d.bm3d(s, sigma_psd=sigma) for s in sl])
+        rows.append(("BM3D (bm3d package, sigma given)", len(sl), t))
+
+    rate = {name: k / t for name, k, t in rows}
+    bm3d_rate = next((r for name, r in rate.items() if name.startswith("BM3D")), None)
+    lines = ["| method | slices | seconds | slices/s | x BM3D |", "|---|---:|---:|---:|---:|"]
+    for name, k, t in rows:
+        ratio = f"{rate[name] / bm3d_rate:.0f}" if bm3d_rate else "-"
+        lines.append(f"| {name} | {k} | {t:.2f} | {rate[name]:.1f} | {ratio} |")
+    table = "\n".join(lines)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed.md").write_text(f"# Speed, 512x512 CT slices\n\nmachine: {machine()}\n\n"
+                                       f"input: {args.series.name}, {n} slices\n\n{table}\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.5), constrained_layout=True)
+    names = [name for name, _, _ in rows]
+    ax.barh(names, [rate[nm] for nm in names], color="tab:blue")
+    ax.set_xscale("log")
+    ax.set_xlabel("slices per second (log scale), 512x512")
+    ax.invert_yaxis()
+    fig.savefig(args.out / "speed.png", dpi=110)
+    print(f"wrote {args.out / 'speed.md'} and {args.out / 'speed.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Reader pool -> model -> writer pool, with bounded queues so memory stays flat.
+
+``readers`` threads decode series (pydicom, nibabel and the JPEG decoders release the GIL for the
+heavy part) into a queue of at most ``prefetch`` volumes; the calling thread restores them one at
+a time (the model and the compute device are used by one thread only); ``writers`` threads write
+the results from a queue of at most ``writers`` volumes. At most
+``readers + prefetch + 1 + 2 * writers`` series are in memory, whatever the tree's size.
+
+Errors stay with their series: a series that cannot be read, restored or written is reported as
+failed with its message and the pipeline goes on. ``stop`` (a :class:`threading.Event`) ends the
+run early: readers stop taking series, the current write is cancelled (nothing half-written is
+left: outputs are atomic).
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import queue
+import shutil
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import Cancelled, InputError
+from ..volume import Volume
+from .walk import SeriesItem
+
+_END = object()
+
+
+@dataclass
+class Outcome:
+    """What happened to one series; becomes a manifest row."""
+
+    item: SeriesItem
+    output: Path
+    status: str = "done"
+    error: str = ""
+    warnings: list[str] = field(default_factory=list)
+    model: str = ""
+    model_version: str = ""
+    shape: tuple[int, ...] = ()
+    read_s: float = 0.0
+    compute_s: float = 0.0
+    write_s: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.read_s + self.compute_s + self.write_s
+
+    @property
+    def slices(self) -> int:
+        if not self.shape:
+            return self.item.slices
+        n = 1
+        for s in self.shape[:-2]:
+            n *= int(s)
+        return n
+
+
+def _message(exc: BaseException) -> str:
+    from ..errors import RestoreError
+
+    if isinstance(exc, RestoreError):
+        return str(exc)
+    if isinstance(exc, MemoryError):
+        return "out of memory: the series is too large for this machine"
+    return f"{type(exc).__name__}: {exc}"
+
+
+# ----------------------------------------------------------------------------- read / write one series
+def read_item(item: SeriesItem, max_voxels: int | None = None) -> Volume:
+    """Decode one item into a Volume (the same reader as :func:`napari_restore.load`).
+
+    Raises:
+        InputError: unreadable, corrupt, or more than ``max_voxels`` voxels.
+    """
+    where = item.files[0] if item.files else item.input
+    if item.kind == "error":
+        raise InputError(item.error.removeprefix(f"{where}: ") or "unreadable", where)
+    if max_voxels is not None and item.voxels > max_voxels:
+        raise InputError(f"too large: {'x'.join(map(str, item.shape))} = {item.voxels} voxels, more than the "
+                         f"limit of {max_voxels} (--max-voxels)", os.path.dirname(where) if item.kind != "file" else where)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if item.kind == "file":
+            from ..io import load
+
+            vol = load(item.files[0])[0]
+        else:
+            from ..io import dicom_read as dr
+
+            frames = []
+            for f in item.files:
+                frames.extend(fr for fr in dr._frames_of(Path(f)) if dr._series_key(fr) == item.key)
+            if not frames:
+                raise InputError("the series' files changed since the tree was walked (no frame left)", where)
+            vol = dr.build_volume(dr.Series(item.key, frames))
+    if max_voxels is not None and vol.array.size > max_voxels:
+        raise InputError(f"too large: shape {vol.array.shape} has more than {max_voxels} voxels (--max-voxels)", where)
+    return vol
+
+
+def clear_stale(output: Path) -> None:
+    """Remove what a killed run may have left next to ``output`` (``.name.partial-*``, ``.name.old-*``)."""
+    for pattern in (f".{output.name}.partial-*", f".{output.name}.old-*"):
+        for p in glob.glob(os.path.join(glob.escape(str(output.parent)), pattern)):
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+
+
+def write_item(volume: Volume, output: Path, fmt: str, cancel: Callable[[], bool] | None = None,
+               deidentify: Any = None, accept_burned_in: bool = False) -> Path:
+    """Write one result atomically, replacing any earlier (complete) output at ``output``."""
+    from ..io import save
+
+    clear_stale(output)
+    if fmt == "dicom":
+        kwargs: dict[str, Any] = {"format": "dicom", "cancel": cancel}
+        if deidentify is not None:
+            kwargs.update(deidentify=deidentify, accept_burned_in=accept_burned_in)
+        return save(volume, output, overwrite=True, **kwargs)
+    return save(volume, output, format="nifti", overwrite=True)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+class Pipeline:
+    """Runs ``read -> compute -> write`` over items with bounded memory.
+
+    Args:
+        read: ``read(item) -> Volume`` (called in reader threads).
+        compute: ``compute(volume, item) -> (Volume, info dict)`` (called in this thread only).
+        write: ``write(volume, item, output) -> None`` (called in writer threads).
+        finished: ``finished(outcome)`` for every item, from whichever thread ended it (thread-safe
+            on the caller's side).
+        readers, writers, prefetch: pool sizes and the read-ahead queue length.
+        stop: set it to end the run early (Ctrl-C).
+    """
+
+    def __init__(self, read: Callable, compute: Callable, write: Callable, finished: Callable[[Outcome], None], *,
+                 readers: int = 2, writers: int = 2, prefetch: int = 1, stop: threading.Event | None = None):
+        self.read, self.compute, self.write, self.finished = read, compute, write, finished
+        self.readers, self.writers = max(1, int(readers)), max(1, int(writers))
+        self.prefetch = max(1, int(prefetch))
+        self.stop = stop or threading.Event()
+        self.idle_s = 0.0  # time the model waited for a series to be read
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self._count_lock = threading.Lock()
+
+    def _hold(self, n: int) -> None:
+        with self._count_lock:
+            self.in_flight += n
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def run(self, jobs: list[tuple[SeriesItem, Path]]) -> None:
+        todo = iter(jobs)
+        take = threading.Lock()
+        in_q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        out_q: queue.Queue = queue.Queue(maxsize=self.writers)
+        errors: list[BaseException] = []
+
+        def reader() -> None:
+            try:
+                while not self.stop.is_set():
+                    with take:
+                        job = next(todo, None)
+                    if job is None:
+                        break
+                    item, output = job
+                    t0 = time.perf_counter()
+                    try:
+                        self._hold(1)
+                        vol, err = self.read(item), None
+                    except Exception as exc:  # noqa: BLE001 - recorded for this series
+                        vol, err = None, exc
+                        self._hold(-1)
+                    out = Outcome(item, output, read_s=time.perf_counter() - t0)
+                    if err is not None:
+                        out.status, out.error = "failed", _message(err)
+                        self.finished(out)
+                        continue
+                    self._put(in_q, (out, vol))
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+            finally:
+                in_q.put(_END)
+
+        def writer() -> None:
+            while True:
+                msg = out_q.get()
+                if msg is _END:
+                    return
+                out, vol = msg
+                t0 = time.perf_counter()
+                try:
+                    self.write(vol, out.item, out.output)
+                except Cancelled:
+                    out.status, out.error = "cancelled", "cancelled"
+                except Exception as exc:  # noqa: BLE001 - recorded for this series
+                    out.status, out.error = "failed", _message(exc)
+                finally:
+                    del vol
+                    self._hold(-1)
+                out.write_s = time.perf_counter() - t0
+                if out.status != "cancelled":
+                    self.finished(out)
+
+        rthreads = [threading.Thread(target=reader, name=f"batch-reader-{i}", daemon=True) for i in range(self.readers)]
+        wthreads = [threading.Thread(target=writer, name=f"batch-writer-{i}", daemon=True) for i in range(self.writers)]
+        for t in rthreads + wthreads:
+            t.start()
+        ended = 0
+        try:
+            while ended < len(rthreads):
+                t0 = time.perf_counter()
+                msg = in_q.get()
+                self.idle_s += time.perf_counter() - t0
+                if msg is _END:
+                    ended += 1
+                    continue
+                out, vol = msg
+                if self.stop.is_set():
+                    del vol
+                    self._hold(-1)
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    result, info = self.compute(vol, out.item)
+                except Cancelled:
+                    self._hold(-1)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - recorded for this series
+                    out.compute_s = time.perf_counter() - t0
+                    out.status, out.error = "failed", _message(exc)
+                    out.warnings = list(vol.meta.get("warnings", []))
+                    del vol
+                    self._hold(-1)
+                    self.finished(out)
+                    continue
+                out.compute_s = time.perf_counter() - t0
+                out.shape = tuple(result.array.shape)
+                out.model, out.model_version = info.get("model", ""), info.get("model_version", "")
+                out.warnings = list(result.meta.get("warnings", []))
+                del vol
+                self._put(out_q, (out, result))
+                del result
+        except BaseException:
+            self.stop.set()  # Ctrl-C or a bug: readers stop, the current writes are cancelled
+            raise
+        finally:
+            if self.stop.is_set():
+                _drain(in_q)
+            for _ in wthreads:
+                out_q.put(_END)
+            for t in wthreads:
+                t.join()
+            for t in rthreads:
+                t.join(timeout=0.1 if self.stop.is_set() else None)
+        if errors:
+            raise errors[0]
+
+    def _put(self, q: queue.Queue, msg) -> None:
+        while True:
+            try:
+                q.put(msg, timeout=0.2)
+                return
+            except queue.Full:
+                if self.stop.is_set():
+                    self._hold(-1)
+                    return
+
+
+def _drain(q: queue.Queue) -> None:
+    with contextlib.suppress(queue.Empty):
+        while True:
+            q.get_nowait()
+
+
+__all__ = ["Pipeline", "Outcome", "read_item", "write_item", "clear_stale"]
