@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "outputs" / "self-supervised"))
     ap.add_argument("--variants", default="n2n,n2n-pd2,n2v,n2v-bs5,supervised")
     ap.add_argument("--dose", type=float, default=0.25)
+    ap.add_argument("--eval-only", action="store_true", help="score the models already trained in OUT/models")
+    ap.add_argument("--slices", type=int, default=6, help="held-out slices scored")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,6 +75,10 @@ def main() -> None:
     }
     results = {}
     for name in args.variants.split(","):
+        if args.eval_only:
+            if (out / "models" / name / "card.json").is_file():
+                results[name] = out / "models" / name
+            continue
         t = time.time()
         r = train(TrainConfig(output=str(out / "models" / name), name=name, **{**common, **variants[name]}))
         print(f"trained {name}: {r.steps} steps in {time.time() - t:.0f} s")
@@ -80,7 +86,7 @@ def main() -> None:
     rows = []
     for name, folder in results.items():
         res = evaluate([test], "ct_lowdose", {"dose": args.dose}, methods=["input", "model"] + (["nlm"] if not rows else []),
-                       model=str(folder), slices=6, crop=256, seed=21)
+                       model=str(folder), slices=args.slices, crop=256, seed=21)
         for r in res.rows:
             r = dict(r, method=name if r["method"] == "model" else r["method"])
             if r["method"] not in [x["method"] for x in rows]:

@@ -576,6 +576,9 @@ def _worker(conn) -> None:
     import napari_restore.models  # noqa: F401
     import napari_restore.networks  # noqa: F401
 
+    import torch
+
+    torch.set_num_threads(1)  # two workers on a small machine: no thread oversubscription
     conn.send("ready")
     while True:
         msg = conn.recv()

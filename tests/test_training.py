@@ -220,5 +220,31 @@ def test_module_entry_point(shared_data, tmp_path, capsys):
     card = json.loads((out / "card.json").read_text())
     assert card["architecture"]["args"]["channels"] == [8, 16, 32]
     assert "--channels" in card["training"]["command"] or card["training"]["command"]
+    # fine-tune from the model just written (architecture and intensity come from its card)
+    rc = main([str(nif / "example_ct_sm.nii.gz"), "-o", str(tmp_path / "tuned"), "--val-data",
+               str(nif / "cta_aorta_cropped.nii.gz"), "--init-model", str(out), "--patch-size", "32,32",
+               "--batch-size", "2", "--epochs", "1", "--steps-per-epoch", "1", "--val-slices", "1", "--val-crop", "64",
+               "--no-tensorboard", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    tuned = json.loads((tmp_path / "tuned" / "card.json").read_text())
+    assert tuned["architecture"] == card["architecture"] and tuned["intensity"] == card["intensity"]
     rc = main([str(tmp_path / "nowhere"), "-o", str(tmp_path / "x")])
     assert rc == 2 and "no such file or folder" in capsys.readouterr().err
+
+
+def test_samples_depend_on_seed_epoch_index_only(shared_data, cache):
+    """Workers (persistent across epochs) draw exactly what the main process would: resume/DDP rely on it."""
+    from napari_restore.training.data import Degradation, PatchDataset
+
+    series = load_series([shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"], cache_dir=cache)
+    ds = PatchDataset(series, (32, 32), 4, Degradation("ct_lowdose"), augment=True, jitter=0.05, seed=5)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, persistent_workers=True)
+    seen = []
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        batch = next(iter(loader))
+        direct = torch.stack([ds[i]["input"] for i in range(4)])
+        torch.testing.assert_close(batch["input"], direct, rtol=0, atol=0)
+        seen.append(batch["input"])
+        assert not torch.equal(batch["input"], batch["target"])  # degraded input, clean target
+    assert not torch.equal(seen[0], seen[1])  # a new epoch draws new samples

@@ -164,7 +164,10 @@ def cmd_batch(args: argparse.Namespace) -> int:
     """Restore every image series under INPUT_ROOT into OUTPUT_ROOT (see napari_restore.batch)."""
     from .batch import run_batch
 
+    import logging
+
     warnings.simplefilter("ignore", UserWarning)  # reader notes go to the manifest's warnings column
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # a corrupt file's message goes to the manifest
     result = run_batch(args.input_root, args.output_root, task=args.task, model=args.model, mode=args.mode,
                        device=args.device, format=args.format, deidentify=args.deidentify,
                        deidentify_key=args.deidentify_key, deidentify_dates=args.deidentify_dates,

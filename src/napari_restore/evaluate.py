@@ -290,7 +290,10 @@ def evaluate(sources: Sequence[str | os.PathLike | Volume], degradation: str = "
         nz = vol.array.shape[0]
         lo_z, hi_z = int(round(0.1 * (nz - 1))), int(round(0.9 * (nz - 1)))
         zs = np.unique(np.linspace(lo_z, hi_z, min(slices, nz)).round().astype(int))
-        free = [z for z in range(lo_z, hi_z + 1) if z not in set(zs)] or [int(zs[0])]
+        free = [z for z in range(nz) if z not in set(zs)]
+        if not free:
+            free = [int(zs[0])]
+            notes.append(f"{vname}: only {nz} slices, so the NLM tuning slice is also scored (ask for fewer slices)")
         z_tune = free[len(free) // 2]
         p = _degrade_params(degradation, params, vol.spacing)
         idx = np.concatenate([zs, [z_tune]])

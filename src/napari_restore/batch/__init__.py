@@ -77,7 +77,8 @@ class BatchResult:
 
     @property
     def exit_code(self) -> int:
-        return 0 if self.ok else 1
+        """0 when every series is done (a dry run: 0), else 1."""
+        return 0 if self.ok or self.dry_run else 1
 
 
 # ----------------------------------------------------------------------------- models
@@ -321,7 +322,7 @@ def _run(src: Path, dst: Path, sh: Shard, prefix: str, printer, t_start: float, 
 
     def finished(o: Outcome) -> None:
         row = {
-            "input": o.item.input, "series_uid": o.item.series_uid, "modality": o.item.modality,
+            "input": o.item.input, "series_uid": o.item.series_uid, "modality": o.modality or o.item.modality,
             "shape": "x".join(str(s) for s in (o.shape or o.item.shape)), "slices": o.slices,
             "output": os.path.relpath(o.output, dst), "model": o.model, "model_version": o.model_version,
             "seconds": f"{o.seconds:.3f}", "status": o.status, "error": o.error, "warnings": " | ".join(o.warnings),

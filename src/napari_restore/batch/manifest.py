@@ -86,6 +86,7 @@ def write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; the manifest is as readable as the outputs
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(",".join(COLUMNS) + "\n")
             for row in rows:
@@ -97,6 +98,18 @@ def write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` is process-wide, racy in threads)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def _sort_key(row: dict) -> tuple:

@@ -40,6 +40,7 @@ class Outcome:
     item: SeriesItem
     output: Path
     status: str = "done"
+    modality: str = ""
     error: str = ""
     warnings: list[str] = field(default_factory=list)
     model: str = ""
@@ -127,8 +128,14 @@ def write_item(volume: Volume, output: Path, fmt: str, cancel: Callable[[], bool
         kwargs: dict[str, Any] = {"format": "dicom", "cancel": cancel}
         if deidentify is not None:
             kwargs.update(deidentify=deidentify, accept_burned_in=accept_burned_in)
-        return save(volume, output, overwrite=True, **kwargs)
-    return save(volume, output, format="nifti", overwrite=True)
+        written = save(volume, output, overwrite=True, **kwargs)
+    else:
+        written = save(volume, output, format="nifti", overwrite=True)
+    from .manifest import current_umask
+
+    with contextlib.suppress(OSError):  # atomic temporaries are made 0700/0600 by mkdtemp/mkstemp
+        os.chmod(written, (0o777 if Path(written).is_dir() else 0o666) & ~current_umask())
+    return Path(written)
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -188,6 +195,7 @@ class Pipeline:
                         out.status, out.error = "failed", _message(err)
                         self.finished(out)
                         continue
+                    out.modality = vol.modality
                     self._put(in_q, (out, vol))
             except BaseException as exc:  # noqa: BLE001
                 errors.append(exc)

@@ -247,7 +247,8 @@ def walk_tree(root: str | os.PathLike, *, workers: int | None = None, exclude: s
 
     Args:
         root: the input tree.
-        workers: processes reading headers (default: up to 4, one per CPU); 0 or 1 reads in this process.
+        workers: processes reading headers (default: up to 4, one per CPU, when there are more than
+            400 files); 0 or 1 reads in this process.
         exclude: a folder inside ``root`` to leave out (the output tree, when it lies inside the input).
         progress: ``progress(done, total)`` over folders.
 
@@ -261,9 +262,9 @@ def walk_tree(root: str | os.PathLike, *, workers: int | None = None, exclude: s
     if not root.is_dir():
         raise InputError("the input root must be a folder (a tree of studies)", root)
     dicom, images, skipped, examples = _listing(root, Path(exclude) if exclude else None)
-    if workers is None:
-        workers = min(4, os.cpu_count() or 1)
     folders = list(dicom.items())
+    if workers is None:  # worker processes pay off only when there are many headers to parse
+        workers = min(4, os.cpu_count() or 1) if sum(len(fs) for _, fs in folders) > 400 else 0
     scans: list[dict[str, Any]] = []
     if workers > 1 and len(folders) > 1:
         import multiprocessing as mp

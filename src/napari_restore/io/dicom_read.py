@@ -149,6 +149,7 @@ def discover_series(path: str | os.PathLike) -> tuple[list[Series], list[str]]:
         if not files:
             raise InputError("the folder is empty", path)
     frames: list[Frame] = []
+    bad_files: list[tuple[Path, str]] = []
     for f in files:
         try:
             frames.extend(_frames_of(f))
@@ -161,6 +162,7 @@ def discover_series(path: str | os.PathLike) -> tuple[list[Series], list[str]]:
             if single:
                 raise
             skipped.append(str(exc))
+            bad_files.append((f, str(exc).removeprefix(f"{f}: ")))
             log.warning("skipped %s", exc)
     groups: dict[tuple, list[Frame]] = defaultdict(list)
     for fr in frames:
@@ -171,6 +173,8 @@ def discover_series(path: str | os.PathLike) -> tuple[list[Series], list[str]]:
                                str(s.header.get("SeriesNumber", ""))))
     for s in series:
         s.warnings.extend(w for w in skipped if any(w.startswith(fr.path.name + ":") for fr in s.frames[:1]))
+        folders = {fr.path.parent for fr in s.frames}  # unreadable files beside the series' own files
+        s.warnings.extend(f"skipped {f.name}: {msg}" for f, msg in bad_files if f.parent in folders)
     return series, skipped
 
 

@@ -145,6 +145,8 @@ class TrainConfig:
         if self.dims not in (2, 3):
             raise bad(f"dims must be 2 or 3, got {self.dims!r}")
         self.patch_size = tuple(int(p) for p in self.patch_size)
+        if self.dims == 3 and self.patch_size == (128, 128):  # the 2-D default left in place
+            self.patch_size = (32, 96, 96)
         if len(self.patch_size) == 1:
             self.patch_size = self.patch_size * self.dims
         if len(self.patch_size) != self.dims or min(self.patch_size) < 16:

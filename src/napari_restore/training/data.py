@@ -391,10 +391,11 @@ class Degradation:
             for k, plane in enumerate(planes):
                 z = int(_reflect_idx(z0 + k, 1, rec.array.shape[0])[0])
                 hu = rec.physical(plane)
-                if self.ct_method == "projection":
+                if self.ct_method == "projection":  # FBP of the whole slice (~1-4 s), then the crop
                     from ..degrade import ct_lowdose_added_noise
 
-                    noise = ct_lowdose_added_noise(hu, rec.spacing, dose, seed=rng)  # crop only: slow, approximate
+                    full = rec.physical(np.asarray(rec.array[z], dtype=np.float32))
+                    noise = _crop(ct_lowdose_added_noise(full, rec.spacing, dose, seed=rng), starts, plane.shape)
                 else:
                     vp, ve = rec.ct_maps(z)
                     vpc, vec = _crop(vp, starts, plane.shape), _crop(ve, starts, plane.shape)
@@ -458,12 +459,17 @@ class PatchDataset(torch.utils.data.Dataset):
         self.patch = tuple(int(p) for p in patch_size)
         self.length, self.degradation = int(length), degradation
         self.do_augment, self.jitter, self.seed = augment, float(jitter), int(seed)
-        self.epoch = 0
+        # shared memory: persistent DataLoader workers see set_epoch() (and keep their CT noise maps)
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         w = np.array([s.array.shape[0] for s in series], dtype=np.float64)
         self.weights = w / w.sum()
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch[0] = int(epoch)
 
     def __len__(self) -> int:
         return self.length

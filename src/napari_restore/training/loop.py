@@ -320,7 +320,8 @@ class _Run:
                         csv.writer(fh).writerow([0, 0, "", *(self.base.get(k, "") for k in ("val_loss", "val_psnr", "val_ssim")), "", ""])
         total_steps = cfg.epochs * cfg.steps_per_epoch
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=cfg.batch_size, sampler=self.sampler,
-                                             shuffle=False, num_workers=cfg.num_workers, drop_last=True)
+                                             shuffle=False, num_workers=cfg.num_workers, drop_last=True,
+                                             persistent_workers=cfg.num_workers > 0)
         bar = None
         if info.is_main and cfg.progress_bar:
             from tqdm.auto import tqdm

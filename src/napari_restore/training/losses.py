@@ -123,7 +123,8 @@ def n2v_mask(y: torch.Tensor, blind_spot: int, spacing: int, generator: torch.Ge
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Noise2Void input: masked copy of ``y`` ``(B, 1, H, W)`` and the boolean map of masked centres.
 
-    One centre per ``spacing x spacing`` cell (stratified, random position). Every pixel of the
+    One centre per ``spacing x spacing`` cell (stratified, random position, kept
+    ``blind_spot // 2 + 2`` pixels away from the border). Every pixel of the
     ``blind_spot x blind_spot`` box around a centre is replaced by a pixel drawn from a window of
     radius ``blind_spot // 2 + 2`` outside the box (``blind_spot=1``: classic N2V).
     """
@@ -131,8 +132,9 @@ def n2v_mask(y: torch.Tensor, blind_spot: int, spacing: int, generator: torch.Ge
     gy, gx = h // spacing, w // spacing
     oy = torch.randint(0, spacing, (b, gy, gx), generator=generator)
     ox = torch.randint(0, spacing, (b, gy, gx), generator=generator)
-    cy = (torch.arange(gy) * spacing)[None, :, None] + oy
-    cx = (torch.arange(gx) * spacing)[None, None, :] + ox
+    r = blind_spot // 2 + 2  # the whole sampling window stays inside the image: no clamping, no leak
+    cy = ((torch.arange(gy) * spacing)[None, :, None] + oy).clamp(r, h - 1 - r)
+    cx = ((torch.arange(gx) * spacing)[None, None, :] + ox).clamp(r, w - 1 - r)
     bi = torch.arange(b)[:, None, None].expand_as(cy)
     centres = torch.zeros((b, 1, h, w), dtype=torch.bool)
     centres[bi.reshape(-1), 0, cy.reshape(-1), cx.reshape(-1)] = True
@@ -143,10 +145,9 @@ def n2v_mask(y: torch.Tensor, blind_spot: int, spacing: int, generator: torch.Ge
     n = cy.numel()
     cyf, cxf, bif = cy.reshape(-1), cx.reshape(-1), bi.reshape(-1)
     for ddy, ddx in zip(by.reshape(-1).tolist(), bx.reshape(-1).tolist()):
-        ty, tx = (cyf + ddy).clamp(0, h - 1), (cxf + ddx).clamp(0, w - 1)
+        ty, tx = cyf + ddy, cxf + ddx
         pick = offs[torch.randint(0, len(offs), (n,), generator=generator)]
-        sy = (cyf + pick[:, 0]).clamp(0, h - 1)
-        sx = (cxf + pick[:, 1]).clamp(0, w - 1)
+        sy, sx = cyf + pick[:, 0], cxf + pick[:, 1]
         masked[bif, 0, ty, tx] = y[bif, 0, sy, sx]
     return masked, centres
 
