@@ -26,7 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300, help="optimiser steps per model")
     ap.add_argument("--out", default=str(REPO / "outputs" / "self-supervised"))
-    ap.add_argument("--variants", default="n2n,n2n-pd2,n2v,n2v-bs5,supervised")
+    ap.add_argument("--variants", default="n2n,n2n-pd2,n2v,n2v-bs3,n2v-bs5,supervised")
     ap.add_argument("--dose", type=float, default=0.25)
     ap.add_argument("--eval-only", action="store_true", help="score the models already trained in OUT/models")
     ap.add_argument("--slices", type=int, default=6, help="held-out slices scored")
@@ -68,8 +68,9 @@ def main() -> None:
     variants = {
         "n2n": dict(data=[str(noisy_path)], mode="self-supervised", self_supervised="n2n"),
         "n2n-pd2": dict(data=[str(noisy_path)], mode="self-supervised", self_supervised="n2n", pd_factor=2),
-        "n2v": dict(data=[str(noisy_path)], mode="self-supervised", self_supervised="n2v", blind_spot=1, n2v_spacing=6),
-        "n2v-bs5": dict(data=[str(noisy_path)], mode="self-supervised", self_supervised="n2v", blind_spot=5, n2v_spacing=8),
+        "n2v": dict(data=[str(noisy_path)], mode="self-supervised", self_supervised="n2v", blind_spot=1),
+        "n2v-bs3": dict(data=[str(noisy_path)], mode="self-supervised", self_supervised="n2v", blind_spot=3),
+        "n2v-bs5": dict(data=[str(noisy_path)], mode="self-supervised", self_supervised="n2v", blind_spot=5),
         "supervised": dict(data=[str(clean_path)], mode="supervised", dose_range=(0.15, 0.35),
                            val_data=[str(DATA / "ct" / "nifti" / "example_ct.nii.gz")]),
     }

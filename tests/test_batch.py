@@ -52,6 +52,7 @@ def _batch(tree: Path, out: Path, model: Path, **kw):
     buf = io.StringIO()
     kw.setdefault("readers", 2)
     kw.setdefault("writers", 2)
+    kw.setdefault("pool", "thread")  # quicker to start; the process pools are run by the first test and the CLI
     result = run_batch(tree, out, model=model, device="cpu", progress=False, out=buf, walk_workers=0, **kw)
     return result, buf.getvalue()
 
@@ -111,8 +112,9 @@ def test_several_series_in_one_folder_get_one_output_each(tree):
 # ----------------------------------------------------------------------------- run, manifest, resume
 def test_batch_restores_the_tree_like_restore_and_resumes(tree, tmp_path, model):
     out = tmp_path / "out"
-    result, text = _batch(tree, out, model)
+    result, text = _batch(tree, out, model, pool="process")
     assert result.exit_code == 0, text
+    assert result.peak_series_in_memory <= 2 + 1 + 1 + 2 * 2  # readers + prefetch + model + writers
     assert len(result.done_now) == SMALL_TREE_SERIES
     assert "skipped 1 localizer series" in text and "skipped 1 secondary-capture series" in text
     assert text.count("] done ") == SMALL_TREE_SERIES  # one line per finished series
@@ -223,21 +225,23 @@ def test_kill_at_any_moment_then_rerun_finishes_with_no_duplicate(tree, tmp_path
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
     cmd = [sys.executable, "-m", "napari_restore.cli", "batch", str(tree), str(out), "--model", str(model),
            "--no-progress", "--readers", "1", "--writers", "1"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its reader/writer processes die with it, as under a scheduler
     killed_while_writing = False
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             rows = read_rows(out / "manifest.csv") if (out / "manifest.csv").exists() else []
             if rows and leftovers(out):  # one series recorded, another one half-written right now
-                proc.send_signal(signal.SIGKILL)
+                os.killpg(proc.pid, signal.SIGKILL)
                 killed_while_writing = True
                 break
             time.sleep(0.005)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    time.sleep(0.2)  # let the killed reader/writer processes vanish
     assert killed_while_writing, "the run ended before it could be killed in the middle of a write"
     before = {r["id"]: r for r in read_rows(out / "manifest.csv")}
     assert 1 <= len(before) < SMALL_TREE_SERIES

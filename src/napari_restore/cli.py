@@ -173,6 +173,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                        deidentify_key=args.deidentify_key, deidentify_dates=args.deidentify_dates,
                        accept_burned_in=args.accept_burned_in, retry_failed=args.retry_failed, dry_run=args.dry_run,
                        shard=args.shard, readers=args.readers, writers=args.writers, prefetch=args.prefetch,
+                       pool=args.pool,
                        max_voxels=args.max_voxels, strength=args.strength, batch_size=args.batch_size,
                        tile=args.tile, progress=False if args.no_progress else "auto")
     return result.exit_code
@@ -260,8 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shard", default=None, metavar="I/N", help="do share I (0-based) of N, e.g. for Slurm arrays "
                    "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; every share writes its own manifest part, "
                    "merged into manifest.csv as shares finish")
-    b.add_argument("--readers", type=int, default=2, help="reader threads (default 2)")
-    b.add_argument("--writers", type=int, default=2, help="writer threads (default 2)")
+    b.add_argument("--readers", type=int, default=2, help="reader processes (default 2)")
+    b.add_argument("--writers", type=int, default=2, help="writer processes (default 2)")
+    b.add_argument("--pool", choices=("process", "thread"), default="process",
+                   help="readers and writers as processes (default; the model never waits for Python's GIL) or "
+                        "threads (quicker to start, for small trees)")
     b.add_argument("--prefetch", type=int, default=1, help="series read ahead of the model (default 1)")
     b.add_argument("--max-voxels", type=int, default=None, help="record series larger than this as failed "
                    "('too large') instead of reading them")

@@ -26,11 +26,9 @@ CT noise is simulated in the projection domain on whole slices (crops are taken 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -114,7 +112,7 @@ class EvalResult:
             ax.set_title(name + sub, fontsize=9)
             ax.axis("off")
         fig.suptitle(f"{self.panel_title}: {self.degradation} {json.dumps(self.params)}", fontsize=9)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.92))
         from .io.atomic import atomic_file
 
         with atomic_file(path, overwrite=True) as tmp:

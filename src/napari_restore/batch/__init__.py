@@ -10,6 +10,7 @@ deterministic share (:mod:`.shard`).
 """
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import sys
@@ -19,12 +20,13 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, ModelError, OutputError
 from .manifest import DONE, FAILED, MANIFEST_NAME, Manifest
-from .pipeline import Outcome, Pipeline, read_item, write_item
+from .pipeline import Outcome, Pipeline, read_item, write_result
 from .shard import Shard, agree, all_ok, barrier, digest, from_environment, init_group, parse_shard, select, teardown
 from .walk import SeriesItem, WalkResult, plan_outputs, walk_tree
 
@@ -162,7 +164,7 @@ def run_batch(input_root: str | os.PathLike, output_root: str | os.PathLike, *, 
               deidentify: bool = False, deidentify_key: str | None = None, deidentify_dates: str = "remove",
               accept_burned_in: bool = False, retry_failed: bool = False, dry_run: bool = False,
               shard: str | tuple[int, int] | None = None, readers: int = 2, writers: int = 2, prefetch: int = 1,
-              walk_workers: int | None = None, max_voxels: int | None = None, strength: float = 1.0,
+              pool: str = "process", walk_workers: int | None = None, max_voxels: int | None = None, strength: float = 1.0,
               batch_size: int | None = None, tile: int | Sequence[int] | None = None, overlap: float = 0.25,
               progress: bool | str = "auto", out=None, stop: threading.Event | None = None) -> BatchResult:
     """Restore every image series under ``input_root`` into ``output_root``.
@@ -182,8 +184,10 @@ def run_batch(input_root: str | os.PathLike, output_root: str | os.PathLike, *, 
         dry_run: only list what would be done; nothing is written.
         shard: ``"i/n"`` or ``(i, n)``: do share ``i`` (0-based) of ``n`` (Slurm job arrays);
             under torchrun the rank and world size are used instead.
-        readers, writers, prefetch: reader/writer threads and the read-ahead queue length
-            (memory: at most ``readers + prefetch + 1 + 2 * writers`` series at once).
+        readers, writers, prefetch: reader/writer pool sizes and the read-ahead length (memory:
+            at most ``readers + prefetch + 1 + 2 * writers`` series at once).
+        pool: ``"process"`` (reader and writer processes, the default: the model thread never
+            waits for the GIL) or ``"thread"`` (lighter to start; for small trees).
         walk_workers: processes reading headers during the walk (default up to 4).
         max_voxels: series larger than this fail with "too large" instead of being read.
         progress: ``"auto"`` (a bar when stderr is a terminal), True or False; one line per
@@ -216,7 +220,7 @@ def run_batch(input_root: str | os.PathLike, output_root: str | os.PathLike, *, 
         return _run(src, dst, sh, prefix, printer, t_start, fmt=fmt, task=task, model=model, mode=mode, device=device,
                     deidentify=deidentify, deidentify_key=deidentify_key, deidentify_dates=deidentify_dates,
                     accept_burned_in=accept_burned_in, retry_failed=retry_failed, dry_run=dry_run, readers=readers,
-                    writers=writers, prefetch=prefetch, walk_workers=walk_workers, max_voxels=max_voxels,
+                    writers=writers, prefetch=prefetch, pool=pool, walk_workers=walk_workers, max_voxels=max_voxels,
                     strength=strength, batch_size=batch_size, tile=tile, overlap=overlap, progress=progress,
                     stop=stop)
     finally:
@@ -236,7 +240,7 @@ def _output_ok(output: Path, fmt_dicom: bool) -> bool:
 def _run(src: Path, dst: Path, sh: Shard, prefix: str, printer, t_start: float, *, fmt: str, task: str, model: Any,
          mode: str, device: str, deidentify: bool, deidentify_key: str | None, deidentify_dates: str,
          accept_burned_in: bool, retry_failed: bool, dry_run: bool, readers: int, writers: int, prefetch: int,
-         walk_workers: int | None, max_voxels: int | None, strength: float, batch_size: int | None, tile: Any,
+         pool: str, walk_workers: int | None, max_voxels: int | None, strength: float, batch_size: int | None, tile: Any,
          overlap: float, progress: bool | str, stop: threading.Event | None) -> BatchResult:
     from ..inference import TASKS, restore
 
@@ -308,6 +312,8 @@ def _run(src: Path, dst: Path, sh: Shard, prefix: str, printer, t_start: float, 
         from ..deidentify import Deidentifier
 
         deid = Deidentifier(key=key, dates=deidentify_dates)
+        _say(printer, f"{prefix}note: manifest.csv lists the input paths (which may name patients) next to the "
+                      "de-identified series UIDs; keep it apart from the data you share")
     try:
         dst.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -322,12 +328,13 @@ def _run(src: Path, dst: Path, sh: Shard, prefix: str, printer, t_start: float, 
 
     def finished(o: Outcome) -> None:
         row = {
-            "input": o.item.input, "series_uid": o.item.series_uid, "modality": o.modality or o.item.modality,
+            "input": o.item.input, "series_uid": deid.uid(o.item.series_uid) if deid and o.item.series_uid
+            else o.item.series_uid, "modality": o.modality or o.item.modality,
             "shape": "x".join(str(s) for s in (o.shape or o.item.shape)), "slices": o.slices,
             "output": os.path.relpath(o.output, dst), "model": o.model, "model_version": o.model_version,
             "seconds": f"{o.seconds:.3f}", "status": o.status, "error": o.error, "warnings": " | ".join(o.warnings),
             "read_s": f"{o.read_s:.3f}", "compute_s": f"{o.compute_s:.3f}", "write_s": f"{o.write_s:.3f}",
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S") + f".{int(time.time() * 1e6) % 1000000:06d}",
+            "finished": datetime.now().isoformat(timespec="microseconds"),
             "worker": sh.tag or "main", "id": o.item.id,
         }
         manifest.append(row)
@@ -338,8 +345,6 @@ def _run(src: Path, dst: Path, sh: Shard, prefix: str, printer, t_start: float, 
             timings["write"] += o.write_s
         prog.finished(o, dst)
 
-    def read(item: SeriesItem):
-        return read_item(item, max_voxels)
 
     def compute(vol, item: SeriesItem):
         if fmt == "auto" and item.kind != "file" or fmt == "dicom":
@@ -353,12 +358,10 @@ def _run(src: Path, dst: Path, sh: Shard, prefix: str, printer, t_start: float, 
         step = (res.meta.get("provenance") or [{}])[-1]
         return res, {"model": step.get("model", ""), "model_version": step.get("model_version", "")}
 
-    def write(vol, item: SeriesItem, output: Path):
-        as_dicom = fmt == "dicom" or (fmt == "auto" and item.kind != "file")
-        write_item(vol, output, "dicom" if as_dicom else "nifti", cancel=stop.is_set, deidentify=deid,
-                   accept_burned_in=accept_burned_in)
-
-    pipe = Pipeline(read, compute, write, finished, readers=readers, writers=writers, prefetch=prefetch, stop=stop)
+    read = functools.partial(read_item, max_voxels=max_voxels)  # picklable: runs in reader processes
+    write = functools.partial(write_result, fmt=fmt, deidentify=deid, accept_burned_in=accept_burned_in)
+    pipe = Pipeline(read, compute, write, finished, readers=readers, writers=writers, prefetch=prefetch, pool=pool,
+                    stop=stop)
     t_run = time.perf_counter()
     try:
         pipe.run(todo)

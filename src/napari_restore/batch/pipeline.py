@@ -18,6 +18,7 @@ import glob
 import os
 import queue
 import shutil
+import sys
 import threading
 import time
 import warnings
@@ -75,6 +76,12 @@ def _message(exc: BaseException) -> str:
 
 
 # ----------------------------------------------------------------------------- read / write one series
+def _timed(fn: Callable, *args):
+    """``(fn(*args), seconds)``: runs in a worker process."""
+    t0 = time.perf_counter()
+    return fn(*args), time.perf_counter() - t0
+
+
 def read_item(item: SeriesItem, max_voxels: int | None = None) -> Volume:
     """Decode one item into a Volume (the same reader as :func:`napari_restore.load`).
 
@@ -138,6 +145,14 @@ def write_item(volume: Volume, output: Path, fmt: str, cancel: Callable[[], bool
     return Path(written)
 
 
+def write_result(volume: Volume, item: SeriesItem, output: Path, fmt: str = "auto", deidentify: Any = None,
+                 accept_burned_in: bool = False) -> Path:
+    """Write one item's result: ``fmt`` ``"auto"`` = DICOM for DICOM input, NIfTI for a NIfTI/MHA input."""
+    as_dicom = fmt == "dicom" or (fmt == "auto" and item.kind != "file")
+    return write_item(volume, output, "dicom" if as_dicom else "nifti", deidentify=deidentify,
+                      accept_burned_in=accept_burned_in)
+
+
 # ----------------------------------------------------------------------------- the pipeline
 class Pipeline:
     """Runs ``read -> compute -> write`` over items with bounded memory.
@@ -149,11 +164,19 @@ class Pipeline:
         finished: ``finished(outcome)`` for every item, from whichever thread ended it (thread-safe
             on the caller's side).
         readers, writers, prefetch: pool sizes and the read-ahead queue length.
+        pool: ``"process"`` (default: reader and writer processes; the model thread never waits
+            for the GIL, which pure-Python DICOM parsing would hold) or ``"thread"``. With
+            processes, ``read`` and ``write`` must be picklable (module-level functions or
+            :func:`functools.partial` of them).
         stop: set it to end the run early (Ctrl-C).
     """
 
     def __init__(self, read: Callable, compute: Callable, write: Callable, finished: Callable[[Outcome], None], *,
-                 readers: int = 2, writers: int = 2, prefetch: int = 1, stop: threading.Event | None = None):
+                 readers: int = 2, writers: int = 2, prefetch: int = 1, pool: str = "process",
+                 stop: threading.Event | None = None):
+        if pool not in ("process", "thread"):
+            raise ValueError(f"pool must be 'process' or 'thread', got {pool!r}")
+        self.pool = pool
         self.read, self.compute, self.write, self.finished = read, compute, write, finished
         self.readers, self.writers = max(1, int(readers)), max(1, int(writers))
         self.prefetch = max(1, int(prefetch))
@@ -169,6 +192,123 @@ class Pipeline:
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
 
     def run(self, jobs: list[tuple[SeriesItem, Path]]) -> None:
+        """Process every ``(item, output)``; returns when all are finished (or ``stop`` was set)."""
+        if not jobs:
+            return
+        if self.pool == "process":
+            return self._run_processes(jobs)
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(min(old, 2e-4))  # the model thread gets the GIL back quickly between ops
+        try:
+            return self._run_threads(jobs)
+        finally:
+            sys.setswitchinterval(old)
+
+    # -- processes
+    def _compute_one(self, out: Outcome, vol: Volume):
+        """Restore one volume in this thread; returns the result or None (the outcome is then final)."""
+        t0 = time.perf_counter()
+        try:
+            result, info = self.compute(vol, out.item)
+        except Cancelled:
+            return None
+        except Exception as exc:  # noqa: BLE001 - recorded for this series
+            out.compute_s = time.perf_counter() - t0
+            out.status, out.error = "failed", _message(exc)
+            out.warnings = list(vol.meta.get("warnings", []))
+            self.finished(out)
+            return None
+        out.compute_s = time.perf_counter() - t0
+        out.shape = tuple(result.array.shape)
+        out.model, out.model_version = info.get("model", ""), info.get("model_version", "")
+        out.warnings = list(result.meta.get("warnings", []))
+        return result
+
+    def _run_processes(self, jobs: list[tuple[SeriesItem, Path]]) -> None:
+        import multiprocessing as mp
+        from collections import deque
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        ctx = mp.get_context("spawn")  # never fork a process that runs torch threads
+        todo = iter(jobs)
+        pending: deque = deque()
+        slots = threading.BoundedSemaphore(self.writers + 1)  # results waiting for or in a writer
+        rpool = ProcessPoolExecutor(self.readers, mp_context=ctx)
+        wpool = ProcessPoolExecutor(self.writers, mp_context=ctx)
+        writes: list = []
+
+        def fill() -> None:
+            while len(pending) < self.readers + self.prefetch and not self.stop.is_set():
+                job = next(todo, None)
+                if job is None:
+                    return
+                self._hold(1)
+                pending.append((job, rpool.submit(_timed, self.read, job[0])))
+
+        def restart_readers() -> None:
+            """A reader process died (a decoder crashed): new pool, the other queued reads again."""
+            nonlocal rpool
+            rpool.shutdown(wait=False, cancel_futures=True)
+            rpool = ProcessPoolExecutor(self.readers, mp_context=ctx)
+            for k, (job, _) in enumerate(list(pending)):
+                pending[k] = (job, rpool.submit(_timed, self.read, job[0]))
+
+        def written(fut, out: Outcome) -> None:
+            slots.release()
+            self._hold(-1)
+            try:
+                out.write_s = fut.result()[1]
+            except BaseException as exc:  # noqa: BLE001 - recorded for this series (or a cancelled future)
+                out.status, out.error = "failed", _message(exc)
+            self.finished(out)
+
+        try:
+            fill()
+            while pending and not self.stop.is_set():
+                (item, output), fut = pending.popleft()
+                t0 = time.perf_counter()
+                try:
+                    vol, read_s = fut.result()
+                except Exception as exc:  # noqa: BLE001 - recorded for this series
+                    self.idle_s += time.perf_counter() - t0
+                    self._hold(-1)
+                    msg = _message(exc)
+                    if isinstance(exc, BrokenProcessPool):
+                        msg = f"the reader process died while reading this series (a decoder crash?): {exc}"
+                        restart_readers()
+                    fill()
+                    self.finished(Outcome(item, output, status="failed", error=msg))
+                    continue
+                self.idle_s += time.perf_counter() - t0
+                fill()  # the next reads start before this series is restored
+                out = Outcome(item, output, read_s=read_s, modality=vol.modality)
+                result = self._compute_one(out, vol)
+                del vol
+                if result is None:
+                    self._hold(-1)
+                    continue
+                slots.acquire()
+                try:
+                    wfut = wpool.submit(_timed, self.write, result, item, output)
+                except BrokenProcessPool:  # a writer process died earlier: its series is failed, go on
+                    wpool.shutdown(wait=False)
+                    wpool = ProcessPoolExecutor(self.writers, mp_context=ctx)
+                    wfut = wpool.submit(_timed, self.write, result, item, output)
+                del result
+                wfut.add_done_callback(lambda f, o=out: written(f, o))
+                writes.append(wfut)
+        except BaseException:
+            self.stop.set()
+            raise
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+            rpool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
+            wpool.shutdown(wait=True)
+
+    # -- threads
+    def _run_threads(self, jobs: list[tuple[SeriesItem, Path]]) -> None:
         todo = iter(jobs)
         take = threading.Lock()
         in_q: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -293,4 +433,4 @@ def _drain(q: queue.Queue) -> None:
             q.get_nowait()
 
 
-__all__ = ["Pipeline", "Outcome", "read_item", "write_item", "clear_stale"]
+__all__ = ["Pipeline", "Outcome", "read_item", "write_item", "write_result", "clear_stale"]

@@ -52,9 +52,12 @@ class TrainConfig:
     Self-supervised:
         self_supervised: ``n2n`` (Neighbor2Neighbor, default) or ``n2v`` (Noise2Void);
         n2n_gamma: weight of the N2N regulariser; pd_factor: pixel-shuffle downsampling factor
-        applied before the N2N sub-sampler (remedy for spatially correlated noise; 1 = off);
+        applied before the N2N sub-sampler (remedy for spatially correlated noise; 1 = off;
+        ``None`` = 2 for CT, whose FBP noise is correlated, 1 for MR);
         blind_spot: N2V blind-spot box side in pixels (1 = classic N2V; 3 or 5 = structured
-        blind spot for correlated CT noise); n2v_spacing: grid spacing of N2V masked pixels.
+        blind spot for correlated CT noise); n2v_spacing: grid spacing of N2V masked pixels
+        (default ``max(6, 4.5 * blind_spot)``: at most ~5 % of the input is replaced, so that the
+        training input stays close to what the network sees at inference).
     Optimisation:
         patch_size, batch_size, epochs, steps_per_epoch, lr, weight_decay, schedule, loss,
         ssim_weight (weight of MONAI ``SSIMLoss`` added to L1/MSE), patience (early stopping on
@@ -87,9 +90,9 @@ class TrainConfig:
     ct_noise_method: str = "image"
     self_supervised: str = "n2n"
     n2n_gamma: float = 1.0
-    pd_factor: int = 1
+    pd_factor: int | None = None
     blind_spot: int = 1
-    n2v_spacing: int = 8
+    n2v_spacing: int | None = None
     patch_size: tuple[int, ...] = (128, 128)
     batch_size: int = 16
     epochs: int = 50
@@ -173,12 +176,15 @@ class TrainConfig:
         lo, hi = (float(v) for v in self.fwhm_range)
         if not 0.0 < lo <= hi:
             raise bad(f"fwhm_range must be 0 < low <= high (voxels), got {self.fwhm_range}")
-        if self.pd_factor < 1 or self.blind_spot < 1 or self.blind_spot % 2 == 0:
+        if (self.pd_factor is not None and self.pd_factor < 1) or self.blind_spot < 1 or self.blind_spot % 2 == 0:
             raise bad("pd_factor must be >= 1 and blind_spot an odd number >= 1")
+        if self.n2v_spacing is None:  # keep the masked share of the input near 5 % or below
+            self.n2v_spacing = max(6, int(round(4.5 * self.blind_spot)))
         if self.n2v_spacing < self.blind_spot + 2:
             raise bad(f"n2v_spacing must be at least blind_spot + 2 = {self.blind_spot + 2}")
-        if self.pd_factor > 1 and any(p % (2 * self.pd_factor) for p in self.patch_size[-2:]):
-            raise bad(f"patch_size {self.patch_size} must be a multiple of 2 * pd_factor = {2 * self.pd_factor} in-plane")
+        pd = self.pd_factor or 2
+        if self.mode == "self-supervised" and any(p % (2 * pd) for p in self.patch_size[-2:]):
+            raise bad(f"patch_size {self.patch_size} must be a multiple of 2 * pd_factor = {2 * pd} in-plane")
         if self.lr <= 0 or self.weight_decay < 0 or self.ssim_weight < 0 or self.jitter < 0:
             raise bad("lr must be > 0; weight_decay, ssim_weight and jitter >= 0")
         if self.name is None:

@@ -218,6 +218,8 @@ class _Run:
             self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, factor=0.5, patience=max(1, cfg.patience // 3))
         else:
             self.sched = None
+        if cfg.pd_factor is None:  # measured: PD 2 helps N2N on CT projection-domain noise
+            cfg.pd_factor = 2 if self.modality == "CT" else 1
         if cfg.mode == "self-supervised":
             self.ss_loss = (Neighbor2NeighborLoss(cfg.n2n_gamma, cfg.pd_factor) if cfg.self_supervised == "n2n"
                             else Noise2VoidLoss(cfg.blind_spot, cfg.n2v_spacing))
