@@ -378,3 +378,47 @@ def evaluate(sources: Sequence[str | os.PathLike | Volume], degradation: str = "
 
 
 __all__ = ["evaluate", "EvalResult", "METHODS", "machine_description"]
+
+
+# ----------------------------------------------------------------------------- command line
+DEGRADATIONS = ("ct_lowdose", "mr_rician", "gaussian_blur", "motion_blur")
+
+
+def add_evaluate_arguments(ap) -> None:
+    """The options of ``napari-restore evaluate`` (and ``benchmarks/evaluate_denoise.py``)."""
+    ap.add_argument("data", nargs="+", help="clean scans: files or folders (DICOM, NIfTI, MHA/NRRD)")
+    ap.add_argument("--degradation", default="ct_lowdose", choices=DEGRADATIONS,
+                    help="simulated degradation (default ct_lowdose: projection-domain low-dose CT noise)")
+    ap.add_argument("--dose", type=float, default=0.25, help="ct_lowdose: dose fraction of the source (0.25 = 25%%)")
+    ap.add_argument("--ct-noise-method", default="projection", choices=("projection", "image"),
+                    help="ct_lowdose: FBP of Poisson sinogram noise (projection) or its fast image-domain twin")
+    ap.add_argument("--sigma-fraction", type=float, default=0.05, help="mr_rician: noise SD / tissue signal")
+    ap.add_argument("--fwhm-vox", type=float, default=2.0, help="gaussian_blur: PSF FWHM in voxels")
+    ap.add_argument("--noise-sd", type=float, default=0.0, help="blur: white noise SD after the blur (fraction of "
+                    "the signal range)")
+    ap.add_argument("--methods", default="input,nlm,bm3d,model,rl",
+                    help="comma-separated: input, model, nlm (tuned h), bm3d (if installed; true sigma), rl "
+                         "(Richardson-Lucy, true PSF, blur only)")
+    ap.add_argument("--model", default=None, help="model name, folder or MONAI bundle (for the 'model' method)")
+    ap.add_argument("--slices", type=int, default=4, help="slices per volume")
+    ap.add_argument("--crop", type=int, default=256, help="in-plane centre crop (0 = whole slices)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default="outputs/evaluate", help="folder for evaluation.md, evaluation.json, panel.png")
+
+
+def run_from_args(args) -> EvalResult:
+    """Run :func:`evaluate` from :func:`add_evaluate_arguments`' namespace; prints and saves the results."""
+    params = {"ct_lowdose": {"dose": args.dose, "method": args.ct_noise_method},
+              "mr_rician": {"sigma_fraction": args.sigma_fraction},
+              "gaussian_blur": {"fwhm_vox": args.fwhm_vox, "noise_sd": args.noise_sd},
+              "motion_blur": {"noise_sd": args.noise_sd}}[args.degradation]
+    methods = [m for m in args.methods.split(",") if m and not (m == "model" and args.model is None)]
+    print(f"machine: {machine_description()}")
+    print(f"inputs: {args.data}; {args.degradation} {params}; {args.slices} slices/volume, crop {args.crop}")
+    res = evaluate(args.data, args.degradation, params, methods=methods, model=args.model, slices=args.slices,
+                   crop=args.crop or None, seed=args.seed, device=args.device)
+    print(res.to_markdown())
+    out = res.save(args.out, overwrite=True)
+    print(f"wrote {out}/evaluation.md, evaluation.json, panel.png")
+    return res

@@ -362,10 +362,17 @@ def _run(src: Path, dst: Path, sh: Shard, prefix: str, printer, t_start: float, 
     write = functools.partial(write_result, fmt=fmt, deidentify=deid, accept_burned_in=accept_burned_in)
     pipe = Pipeline(read, compute, write, finished, readers=readers, writers=writers, prefetch=prefetch, pool=pool,
                     stop=stop)
+    import torch
+
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and pool == "process" and todo:
+        # leave a core to the reader/writer processes: oversubscribed intra-op threads stall each other
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 1)))
     t_run = time.perf_counter()
     try:
         pipe.run(todo)
     finally:
+        torch.set_num_threads(threads)
         prog.close()
         manifest.close()
         result.peak_series_in_memory = pipe.peak_in_flight

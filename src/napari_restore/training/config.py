@@ -48,7 +48,11 @@ class TrainConfig:
         dose_range (CT dose fraction), rician_range (MR noise SD / tissue signal), fwhm_range
         (blur FWHM in voxels), blur_noise (white noise SD added after blur, fraction of the
         normalised unit), ct_noise_method (``image``: the fast image-domain method of
-        :mod:`napari_restore.degrade`, the default; ``projection`` is ~100x slower per sample).
+        :mod:`napari_restore.degrade`, the default; ``projection`` is ~100x slower per sample),
+        ct_noise_hu (``(low, high)`` HU: instead of a dose, draw the added noise's median SD in the
+        body from this range, keeping the low-dose model's texture and spatial variation; for
+        training scans whose simulated dose noise is unrealistically low: small heads, phantoms,
+        crops of a body, thick resampled slices).
     Self-supervised:
         self_supervised: ``n2n`` (Neighbor2Neighbor, default) or ``n2v`` (Noise2Void);
         n2n_gamma: weight of the N2N regulariser; pd_factor: pixel-shuffle downsampling factor
@@ -88,6 +92,7 @@ class TrainConfig:
     fwhm_range: tuple[float, float] = (1.0, 3.0)
     blur_noise: float = 0.0
     ct_noise_method: str = "image"
+    ct_noise_hu: tuple[float, float] | None = None
     self_supervised: str = "n2n"
     n2n_gamma: float = 1.0
     pd_factor: int | None = None
@@ -170,6 +175,10 @@ class TrainConfig:
         lo, hi = (float(v) for v in self.dose_range)
         if not 0.0 < lo <= hi <= 1.0:
             raise bad(f"dose_range must be 0 < low <= high <= 1, got {self.dose_range}")
+        if self.ct_noise_hu is not None:
+            lo, hi = (float(v) for v in self.ct_noise_hu)
+            if not 0.0 < lo <= hi:
+                raise bad(f"ct_noise_hu must be 0 < low <= high (HU), got {self.ct_noise_hu}")
         lo, hi = (float(v) for v in self.rician_range)
         if not 0.0 <= lo <= hi:
             raise bad(f"rician_range must be 0 <= low <= high, got {self.rician_range}")
@@ -277,6 +286,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--fwhm-range", type=_floats2, default=d.fwhm_range)
     p.add_argument("--blur-noise", type=float, default=d.blur_noise)
     p.add_argument("--ct-noise-method", choices=("image", "projection"), default=d.ct_noise_method)
+    p.add_argument("--ct-noise-hu", type=_floats2, default=None,
+                   help="CT: draw the added noise's median SD in the body (HU) from LOW,HIGH instead of a dose")
     p.add_argument("--self-supervised", choices=SELF_SUPERVISED, default=d.self_supervised)
     p.add_argument("--n2n-gamma", type=float, default=d.n2n_gamma)
     p.add_argument("--pd-factor", type=int, default=d.pd_factor)

@@ -63,7 +63,7 @@ class SeriesData:
     scale: float
     reference: float = 1.0
     description: str = ""
-    _ct_maps: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, repr=False)
+    _ct_maps: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -75,12 +75,28 @@ class SeriesData:
     def normalised(self, x: np.ndarray) -> np.ndarray:
         return ((x - np.float32(self.offset)) / np.float32(self.scale)).astype(np.float32)
 
+    def ct_median_sd(self, z: int) -> float:
+        """Median over the body of the photon-noise SD coefficient of slice ``z`` (cached)."""
+        key = ("median", z)
+        if key not in self._ct_maps:
+            hu = self.physical(np.asarray(self.array[z], dtype=np.float32))
+            self._ct_maps[key] = _median_body_sd(self.ct_maps(z)[0], hu)  # type: ignore[assignment]
+        return self._ct_maps[key]  # type: ignore[return-value]
+
     def ct_maps(self, z: int) -> tuple[np.ndarray, np.ndarray]:
         """Per-pixel noise variance coefficients ``(vp, ve)`` (HU^2) of slice ``z`` (cached)."""
         if z not in self._ct_maps:
             hu = self.physical(np.asarray(self.array[z], dtype=np.float32))
             self._ct_maps[z] = ct_noise_variance_maps(hu, self.spacing[2])
         return self._ct_maps[z]
+
+
+def _median_body_sd(vp: np.ndarray, hu: np.ndarray) -> float:
+    """Median of ``sqrt(vp)`` over the body (HU > -500) of one slice, 1.0 when there is no body."""
+    body = hu > -500
+    sd = np.sqrt(vp[body]) if body.any() else np.sqrt(vp.ravel())
+    m = float(np.median(sd)) if sd.size else 0.0
+    return m if m > 0 else 1.0
 
 
 def ct_noise_variance_maps(hu: np.ndarray, dx: float) -> tuple[np.ndarray, np.ndarray]:
@@ -374,6 +390,7 @@ class Degradation:
     fwhm_range: tuple[float, float] = (1.0, 3.0)
     blur_noise: float = 0.0
     ct_method: str = "image"
+    noise_hu_range: tuple[float, float] | None = None  # CT: median body noise SD (HU) instead of a dose
 
     def margin(self) -> int:
         if self.kind == "gaussian_blur":
@@ -383,6 +400,17 @@ class Degradation:
     def apply(self, rec: SeriesData, clean: np.ndarray, z0: int, starts: Sequence[int],
               rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float]]:
         """Degrade a normalised crop ``clean`` (``(y, x)`` or ``(z, y, x)``) of ``rec``; returns (input, params)."""
+        if self.kind == "ct_lowdose" and self.noise_hu_range is not None:
+            target_sd = float(rng.uniform(*self.noise_hu_range))
+            out = np.empty_like(clean)
+            planes = clean if clean.ndim == 3 else clean[None]
+            outs = out if out.ndim == 3 else out[None]
+            for k, plane in enumerate(planes):
+                z = int(_reflect_idx(z0 + k, 1, rec.array.shape[0])[0])
+                vp, _ = rec.ct_maps(z)
+                sd = np.sqrt(_crop(vp, starts, plane.shape)) * np.float32(target_sd / rec.ct_median_sd(z))
+                outs[k] = rec.normalised(rec.physical(plane) + ct_shaped_noise(plane.shape, rng) * sd)
+            return out, {"noise_hu": target_sd}
         if self.kind == "ct_lowdose":
             dose = float(rng.uniform(*self.dose_range))
             out = np.empty_like(clean)

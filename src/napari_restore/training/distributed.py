@@ -64,8 +64,8 @@ def wrap(net: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
 
     if info.device.type == "cuda":
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        return DDP(net, device_ids=[info.device.index], broadcast_buffers=True)
-    return DDP(net, broadcast_buffers=True)
+        return DDP(net, device_ids=[info.device.index])  # buffers are broadcast from rank 0 (default)
+    return DDP(net)  # default: rank 0 buffers are broadcast before every forward
 
 
 def unwrap(net: torch.nn.Module) -> torch.nn.Module:

@@ -195,7 +195,8 @@ class _Run:
         if cfg.mode == "supervised":
             kind = "gaussian_blur" if cfg.task == "deblur" else ("ct_lowdose" if self.modality == "CT" else "mr_rician")
             self.degradation = Degradation(kind, tuple(cfg.dose_range), tuple(cfg.rician_range), tuple(cfg.fwhm_range),
-                                           cfg.blur_noise, cfg.ct_noise_method)
+                                           cfg.blur_noise, cfg.ct_noise_method,
+                                           None if cfg.ct_noise_hu is None else tuple(cfg.ct_noise_hu))
         else:
             self.degradation = None
 
