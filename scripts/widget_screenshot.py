@@ -82,7 +82,6 @@ def main() -> None:
     wait(lambda: not widget.state.running)
     if widget.last_error:
         raise SystemExit(widget.last_error)
-    out = widget.last_output
     widget.show_side_by_side(True)
     roi = widget.add_roi_layer("ellipse")
     cy, cx, r = _uniform_spot(np.asarray(src.data[mid], dtype=np.float64))

@@ -7,7 +7,6 @@ tag, an overlay), because the public test files are already anonymised.
 """
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 

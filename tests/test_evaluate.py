@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import torch
 
 from napari_restore.errors import InputError
 from napari_restore.evaluate import evaluate

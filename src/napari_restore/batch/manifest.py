@@ -20,6 +20,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from ..io.atomic import current_umask
+
 from ..errors import OutputError
 
 COLUMNS = ("input", "series_uid", "modality", "shape", "slices", "output", "model", "model_version", "seconds",
@@ -98,18 +100,6 @@ def write_rows(path: str | os.PathLike, rows: Iterable[dict]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def current_umask() -> int:
-    """The process umask, read without changing it (``os.umask`` is process-wide, racy in threads)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
 
 
 def _sort_key(row: dict) -> tuple:

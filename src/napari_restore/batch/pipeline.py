@@ -138,10 +138,6 @@ def write_item(volume: Volume, output: Path, fmt: str, cancel: Callable[[], bool
         written = save(volume, output, overwrite=True, **kwargs)
     else:
         written = save(volume, output, format="nifti", overwrite=True)
-    from .manifest import current_umask
-
-    with contextlib.suppress(OSError):  # atomic temporaries are made 0700/0600 by mkdtemp/mkstemp
-        os.chmod(written, (0o777 if Path(written).is_dir() else 0o666) & ~current_umask())
     return Path(written)
 
 

@@ -28,6 +28,23 @@ def _check_target(target: Path, overwrite: bool) -> None:
         raise OutputError("folder is not writable", parent)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (``os.umask`` is process-wide, racy in threads)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _publishable(path: Path, directory: bool) -> None:
+    """Give a temporary file/folder the permissions of a normally created one (mkstemp/mkdtemp use 0600/0700)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def _replace(tmp: Path, target: Path) -> None:
     if target.is_dir() and not target.is_symlink():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -45,6 +62,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     _check_target(target, overwrite)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        _publishable(tmp, directory=True)
     except OSError as exc:
         raise OutputError(f"cannot write here: {exc.strerror or exc}", target.parent) from None
     try:
@@ -68,6 +86,7 @@ def atomic_file(target: str | os.PathLike, overwrite: bool = False) -> Iterator[
     try:
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", suffix=suffix, dir=target.parent)
         os.close(fd)
+        _publishable(Path(name), directory=False)
     except OSError as exc:
         raise OutputError(f"cannot write here: {exc.strerror or exc}", target.parent) from None
     tmp = Path(name)

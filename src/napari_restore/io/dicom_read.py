@@ -355,11 +355,23 @@ def _read_header(path: Path) -> Dataset:
 
 
 def _parsed(ds: Dataset) -> Dataset:
-    """``ds`` with every element (nested ones too) decoded now, so a corrupt value fails here, not later."""
-    ds.walk(lambda _ds, _elem: None)
+    """``ds`` with every public element (nested ones too) decoded now, so a corrupt value fails here,
+    not later. Private elements are never used (and never exported), so they stay undecoded: they are
+    often the bulk of a header (Siemens CSA, Philips private sequences)."""
+    _decode_public(ds)
     if hasattr(ds, "file_meta"):
-        ds.file_meta.walk(lambda _ds, _elem: None)
+        _decode_public(ds.file_meta)
     return ds
+
+
+def _decode_public(ds: Dataset) -> None:
+    for tag in list(ds.keys()):
+        if tag.is_private:
+            continue
+        elem = ds[tag]  # converts the raw element: raises on a corrupt value
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _decode_public(item)
 
 
 def _sop_class(h: Dataset) -> str:
@@ -711,7 +723,8 @@ def _description(h: Dataset) -> str:
 def _strip(h: Dataset) -> Dataset:
     """A copy of the header without pixel data and bulky per-frame groups (kept for export)."""
     ds = Dataset()
-    ds.update({e.tag: e for e in h if e.tag < 0x7FE00000 and e.keyword not in ("PerFrameFunctionalGroupsSequence",)})
+    per_frame = 0x52009230  # PerFrameFunctionalGroupsSequence
+    ds.update({tag: h[tag] for tag in h.keys() if tag < 0x7FE00000 and not tag.is_private and tag != per_frame})
     if hasattr(h, "file_meta"):
         ds.file_meta = h.file_meta
     return ds
