@@ -2,9 +2,9 @@
 
 Opens napari (run it under Xvfb on a headless machine: ``xvfb-run -a python scripts/widget_screenshot.py``),
 reads the real body CT series ``ct/siemens-body-j2k`` (Siemens Biograph mCT) from ../shared/data
-with the plugin's reader, trains a *tiny* test denoiser for a few hundred steps (the recipe of
-``tests/_engine_helpers.py``; no trained weights ship yet, so the restoration is modest), runs a
-restore through the widget, shows input and result side by side with an ROI, and writes
+with the plugin's reader, restores it through the widget with the best installed CT denoiser (the
+bundled one; with none installed, a *tiny* test denoiser trained for a few hundred steps with the
+recipe of ``tests/_engine_helpers.py``), shows input and result side by side with an ROI, and writes
 ``docs/widget.png`` (Restore tab) and ``docs/widget_compare.png`` (Compare & measure tab).
 
 Models and settings go to a temporary folder; nothing of the user's is touched.
@@ -44,14 +44,17 @@ def main() -> None:
     from napari_restore._napari._widget import RestoreWidget
     from napari_restore.networks import build_network
 
+    from napari_restore.models import find_model
+
     data = Path(args.data)
-    t0 = time.perf_counter()
-    net = build_network("ResidualUNet", TINY_ARGS)
-    net.load_state_dict(_trained_state(str(data), args.steps))
-    save_tiny(tmp / "models" / "demo-ct-denoise-2d", net.eval(), name="demo-ct-denoise-2d",
-              description="tiny demo denoiser (8-16 channels) trained for the screenshot; not a clinical model",
-              training_data=f"{args.steps} steps, 60 HU noise on ct/nifti/example_ct_sm.nii.gz slices 0-19")
-    print(f"tiny model trained in {time.perf_counter() - t0:.0f} s")
+    if find_model("denoise", "CT", dims=2) is None:
+        t0 = time.perf_counter()
+        net = build_network("ResidualUNet", TINY_ARGS)
+        net.load_state_dict(_trained_state(str(data), args.steps))
+        save_tiny(tmp / "models" / "demo-ct-denoise-2d", net.eval(), name="demo-ct-denoise-2d",
+                  description="tiny demo denoiser (8-16 channels) trained for the screenshot; not a clinical model",
+                  training_data=f"{args.steps} steps, 60 HU noise on ct/nifti/example_ct_sm.nii.gz slices 0-19")
+        print(f"tiny model trained in {time.perf_counter() - t0:.0f} s")
 
     from napari.settings import get_settings
 
