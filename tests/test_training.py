@@ -248,3 +248,26 @@ def test_samples_depend_on_seed_epoch_index_only(shared_data, cache):
         seen.append(batch["input"])
         assert not torch.equal(batch["input"], batch["target"])  # degraded input, clean target
     assert not torch.equal(seen[0], seen[1])  # a new epoch draws new samples
+
+
+def test_ct_noise_level_range_sets_the_added_noise(shared_data, cache):
+    """--ct-noise-hu draws the added noise's median SD in the body (HU) instead of a dose: the
+    5 mm phantom's simulated 25 % dose noise is only a few HU, but this reaches the asked level."""
+    from napari_restore.training.data import Degradation, PatchDataset
+
+    spec = {"kind": "ct", "center": 0.0, "scale": 128.0, "clip": [-1024.0, 3071.0]}
+    series = load_series([shared_data / "ct/philips-head-phantom/exam/S2010"], "CT", spec, cache_dir=cache)
+    sds = {}
+    for level in (10.0, 40.0):
+        ds = PatchDataset(series, (128, 128), 12, Degradation("ct_lowdose", noise_hu_range=(level, level)),
+                          augment=False, seed=1)
+        sds[level] = []
+        for i in range(len(ds)):
+            item = ds[i]
+            target = item["target"].numpy()[0] * 128.0
+            noise = (item["input"] - item["target"]).numpy()[0] * 128.0
+            body = target > -500
+            if body.sum() > 2000:
+                sds[level].append(float(noise[body].std()))
+    for level, values in sds.items():
+        assert values and 0.6 * level < np.median(values) < 1.6 * level, (level, values)

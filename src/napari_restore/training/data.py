@@ -400,37 +400,36 @@ class Degradation:
     def apply(self, rec: SeriesData, clean: np.ndarray, z0: int, starts: Sequence[int],
               rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float]]:
         """Degrade a normalised crop ``clean`` (``(y, x)`` or ``(z, y, x)``) of ``rec``; returns (input, params)."""
-        if self.kind == "ct_lowdose" and self.noise_hu_range is not None:
-            target_sd = float(rng.uniform(*self.noise_hu_range))
-            out = np.empty_like(clean)
-            planes = clean if clean.ndim == 3 else clean[None]
-            outs = out if out.ndim == 3 else out[None]
-            for k, plane in enumerate(planes):
-                z = int(_reflect_idx(z0 + k, 1, rec.array.shape[0])[0])
-                vp, _ = rec.ct_maps(z)
-                sd = np.sqrt(_crop(vp, starts, plane.shape)) * np.float32(target_sd / rec.ct_median_sd(z))
-                outs[k] = rec.normalised(rec.physical(plane) + ct_shaped_noise(plane.shape, rng) * sd)
-            return out, {"noise_hu": target_sd}
         if self.kind == "ct_lowdose":
-            dose = float(rng.uniform(*self.dose_range))
+            if self.noise_hu_range is not None:
+                level = float(rng.uniform(*self.noise_hu_range))
+                params = {"noise_hu": level}
+            else:
+                dose = float(rng.uniform(*self.dose_range))
+                params = {"dose": dose}
             out = np.empty_like(clean)
             planes = clean if clean.ndim == 3 else clean[None]
             outs = out if out.ndim == 3 else out[None]
             for k, plane in enumerate(planes):
                 z = int(_reflect_idx(z0 + k, 1, rec.array.shape[0])[0])
                 hu = rec.physical(plane)
-                if self.ct_method == "projection":  # FBP of the whole slice (~1-4 s), then the crop
+                if self.noise_hu_range is None and self.ct_method == "projection":
+                    # FBP of the whole slice (~1-4 s), then the crop
                     from ..degrade import ct_lowdose_added_noise
 
                     full = rec.physical(np.asarray(rec.array[z], dtype=np.float32))
                     noise = _crop(ct_lowdose_added_noise(full, rec.spacing, dose, seed=rng), starts, plane.shape)
                 else:
                     vp, ve = rec.ct_maps(z)
-                    vpc, vec = _crop(vp, starts, plane.shape), _crop(ve, starts, plane.shape)
-                    sd = np.sqrt((1.0 / dose - 1.0) * vpc + (1.0 / dose**2 - 1.0) * vec)
+                    vpc = _crop(vp, starts, plane.shape)
+                    if self.noise_hu_range is not None:  # the model's spatial variation, scaled to the drawn level
+                        sd = np.sqrt(vpc) * np.float32(level / rec.ct_median_sd(z))
+                    else:
+                        vec = _crop(ve, starts, plane.shape)
+                        sd = np.sqrt((1.0 / dose - 1.0) * vpc + (1.0 / dose**2 - 1.0) * vec)
                     noise = ct_shaped_noise(plane.shape, rng) * sd
                 outs[k] = rec.normalised(hu + noise)
-            return out, {"dose": dose}
+            return out, params
         if self.kind == "mr_rician":
             frac = float(rng.uniform(*self.rician_range))
             sigma = frac * rec.reference
