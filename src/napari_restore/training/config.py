@@ -199,7 +199,7 @@ class TrainConfig:
         if self.name is None:
             self.name = Path(self.output).name or "model"
         if self.command is None:
-            self.command = " ".join(shlex.quote(a) for a in sys.argv)
+            self.command = invocation()
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -320,6 +320,21 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return p
 
 
+def invocation(argv: list[str] | None = None) -> str:
+    """The command line that started this process, as a user would type it (no interpreter or
+    script path of this machine): ``napari-restore train ...`` or ``python -m napari_restore.training ...``."""
+    argv = list(sys.argv if argv is None else argv)
+    prog = Path(argv[0]).name if argv else ""
+    args = argv[1:]
+    if prog == "__main__.py":
+        head = "python -m napari_restore.training"
+    elif prog in ("napari-restore", "cli.py"):
+        head = "napari-restore"
+    else:
+        head = prog or "python"
+    return " ".join([head, *(shlex.quote(a) for a in args)])
+
+
 def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     """Build a :class:`TrainConfig` from :func:`add_train_arguments`' namespace."""
     kw = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(ns, f.name)}
@@ -338,5 +353,5 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     scale = getattr(ns, "intensity_scale", None)
     if scale:
         kw["intensity"] = {"kind": "ct", "center": 0.0, "scale": float(scale), "clip": [-1024.0, 3071.0]}
-    kw["command"] = " ".join(shlex.quote(a) for a in sys.argv)
+    kw["command"] = invocation()
     return TrainConfig(**kw)
