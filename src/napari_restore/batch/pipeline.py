@@ -105,7 +105,7 @@ def read_item(item: SeriesItem, max_voxels: int | None = None) -> Volume:
 
             frames = []
             for f in item.files:
-                frames.extend(fr for fr in dr._frames_of(Path(f)) if dr._series_key(fr) == item.key)
+                frames.extend(fr for fr in dr.frames_of(Path(f)) if dr.series_key(fr) == item.key)
             if not frames:
                 raise InputError("the series' files changed since the tree was walked (no frame left)", where)
             vol = dr.build_volume(dr.Series(item.key, frames))

@@ -121,8 +121,8 @@ def _scan_folder(folder: str, files: list[str]) -> dict[str, Any]:
         for f in files:
             path = Path(f)
             try:
-                frames = dr._frames_of(path)
-            except dr._NotImage as exc:
+                frames = dr.frames_of(path)
+            except dr.NotImage as exc:
                 msg = str(exc)
                 cat = "dicomdir" if msg == "a DICOMDIR" else "non-dicom" if not exc.report else _classify_not_image(msg)
                 skipped[cat].append(f)
@@ -134,16 +134,16 @@ def _scan_folder(folder: str, files: list[str]) -> dict[str, Any]:
                 errors.append((f, f"{f}: unreadable DICOM header ({type(exc).__name__}: {exc})"))
                 continue
             for fr in frames:
-                key = dr._series_key(fr)
+                key = dr.series_key(fr)
                 g = groups.get(key)
                 if g is None:
                     h = fr.header
                     g = groups[key] = {
                         "files": [], "frames": 0, "positions": set(), "rows": int(h.Rows), "columns": int(h.Columns),
                         "image_type": [str(v).upper() for v in (h.get("ImageType") or [])],
-                        "sop": dr._sop_class(h), "uid": str(h.get("SeriesInstanceUID", "") or ""),
+                        "sop": dr.sop_class(h), "uid": str(h.get("SeriesInstanceUID", "") or ""),
                         "number": str(h.get("SeriesNumber", "") or ""), "modality": str(h.get("Modality", "") or ""),
-                        "description": dr._description(h),
+                        "description": dr.series_description(h),
                     }
                     if fr.shape:
                         g["rows"], g["columns"] = fr.shape
@@ -156,16 +156,10 @@ def _scan_folder(folder: str, files: list[str]) -> dict[str, Any]:
 
 
 def _kind(g: dict[str, Any]) -> str:
-    """``Series.kind`` of the reader, from the merged summary (same rules)."""
-    from ..io.dicom_read import SECONDARY_CAPTURE_PREFIX
+    """``Series.kind`` of the reader, from the merged summary (the same rule)."""
+    from ..io.dicom_read import series_kind
 
-    if "LOCALIZER" in g["image_type"] or (len(g["positions"]) <= 1 and g["frames"] < 3):
-        return "localizer"
-    if g["sop"].startswith(SECONDARY_CAPTURE_PREFIX):
-        return "secondary"
-    if g["image_type"][:1] == ["DERIVED"]:
-        return "derived"
-    return "image"
+    return series_kind(g["image_type"], g["sop"], len(g["positions"]), g["frames"])
 
 
 # ----------------------------------------------------------------------------- tree walk

@@ -76,15 +76,8 @@ class Series:
     def kind(self) -> str:
         """``image``, ``localizer``, ``derived`` or ``secondary`` (used to put the main series first)."""
         h = self.header
-        image_type = [str(v).upper() for v in (h.get("ImageType") or [])]
-        sop = _sop_class(h)
-        if "LOCALIZER" in image_type or len({f.position.tobytes() for f in self.frames if f.position is not None}) <= 1 and len(self.frames) < 3:
-            return "localizer"
-        if sop.startswith(SECONDARY_CAPTURE_PREFIX):
-            return "secondary"
-        if image_type[:1] == ["DERIVED"]:
-            return "derived"
-        return "image"
+        positions = {f.position.tobytes() for f in self.frames if f.position is not None}
+        return series_kind(h.get("ImageType") or [], sop_class(h), len(positions), len(self.frames))
 
     def describe(self) -> str:
         h = self.header
@@ -94,6 +87,19 @@ class Series:
 
 
 # ----------------------------------------------------------------------------- public
+def series_kind(image_type: Iterable[Any], sop: str, n_positions: int, n_frames: int) -> str:
+    """``localizer`` (ImageType LOCALIZER, or fewer than 3 frames at one position), ``secondary``
+    (Secondary Capture storage), ``derived`` (ImageType DERIVED) or ``image``."""
+    kinds = [str(v).upper() for v in image_type]
+    if "LOCALIZER" in kinds or (n_positions <= 1 and n_frames < 3):
+        return "localizer"
+    if sop.startswith(SECONDARY_CAPTURE_PREFIX):
+        return "secondary"
+    if kinds[:1] == ["DERIVED"]:
+        return "derived"
+    return "image"
+
+
 def read_dicom(path: str | os.PathLike) -> list[Volume]:
     """Read every image series under ``path`` (a file, a DICOMDIR or a folder, recursively).
 
@@ -152,8 +158,8 @@ def discover_series(path: str | os.PathLike) -> tuple[list[Series], list[str]]:
     bad_files: list[tuple[Path, str]] = []
     for f in files:
         try:
-            frames.extend(_frames_of(f))
-        except _NotImage as exc:
+            frames.extend(frames_of(f))
+        except NotImage as exc:
             if single:
                 raise InputError(str(exc), f) from None
             if exc.report:
@@ -166,7 +172,7 @@ def discover_series(path: str | os.PathLike) -> tuple[list[Series], list[str]]:
             log.warning("skipped %s", exc)
     groups: dict[tuple, list[Frame]] = defaultdict(list)
     for fr in frames:
-        groups[_series_key(fr)].append(fr)
+        groups[series_key(fr)].append(fr)
     series = [Series(key, frs) for key, frs in groups.items()]
     rank = {"image": 0, "derived": 1, "secondary": 2, "localizer": 3}
     series.sort(key=lambda s: (rank[s.kind], -len(s.frames) * int(s.header.Rows) * int(s.header.Columns),
@@ -273,10 +279,10 @@ def build_volume(series: Series) -> Volume:
         "study_uid": str(h.get("StudyInstanceUID", "") or ""),
         "frame_of_reference_uid": str(h.get("FrameOfReferenceUID", "") or ""),
         "series_number": h.get("SeriesNumber"),
-        "description": _description(h),
+        "description": series_description(h),
         "window": _window(first),
         "dicom_header": _strip(h),
-        "source_sops": [{"sop_class": _sop_class(s[0].header), "sop_instance": str(s[0].header.get("SOPInstanceUID", "")),
+        "source_sops": [{"sop_class": sop_class(s[0].header), "sop_instance": str(s[0].header.get("SOPInstanceUID", "")),
                          "frame": None if s[0].frame is None else s[0].frame + 1} for s in stacks],
         "slice_thickness": _float(h.get("SliceThickness")) or _float(_fg(first, "PixelMeasuresSequence", "SliceThickness")),
         "slice_distance": slice_distance,
@@ -292,7 +298,7 @@ def build_volume(series: Series) -> Volume:
 
 
 # ----------------------------------------------------------------------------- files
-class _NotImage(Exception):
+class NotImage(Exception):
     """A file that is not a greyscale DICOM image; ``report`` says whether to list it as skipped."""
 
     def __init__(self, message: str, report: bool = True):
@@ -339,7 +345,7 @@ def _read_header(path: Path) -> Dataset:
         return _parsed(pydicom.dcmread(path, stop_before_pixels=True))
     except InvalidDicomError:
         if path.suffix.lower() not in (".dcm", ".dicom", ".ima"):
-            raise _NotImage("not a DICOM file", report=False) from None
+            raise NotImage("not a DICOM file", report=False) from None
         try:  # a .dcm without the 128-byte preamble
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         except Exception as exc:
@@ -374,24 +380,24 @@ def _decode_public(ds: Dataset) -> None:
                 _decode_public(item)
 
 
-def _sop_class(h: Dataset) -> str:
+def sop_class(h: Dataset) -> str:
     sop = str(h.get("SOPClassUID", "") or "")
     if not sop and hasattr(h, "file_meta"):
         sop = str(h.file_meta.get("MediaStorageSOPClassUID", "") or "")
     return sop
 
 
-def _frames_of(path: Path) -> list[Frame]:
+def frames_of(path: Path) -> list[Frame]:
     h = _read_header(path)
-    sop = _sop_class(h)
+    sop = sop_class(h)
     if sop == DICOMDIR_CLASS or "DirectoryRecordSequence" in h:
-        raise _NotImage("a DICOMDIR", report=False)
+        raise NotImage("a DICOMDIR", report=False)
     if any(sop.startswith(p) for p in _NON_IMAGE_PREFIXES):
-        raise _NotImage(f"not an image (SOP class {sop})")
+        raise NotImage(f"not an image (SOP class {sop})")
     if "Rows" not in h or "Columns" not in h:
-        raise _NotImage("no image (no Rows/Columns)")
+        raise NotImage("no image (no Rows/Columns)")
     if _int_attr(h, "SamplesPerPixel", 1, path) != 1:
-        raise _NotImage(f"a colour image ({h.get('PhotometricInterpretation', '?')}, "
+        raise NotImage(f"a colour image ({h.get('PhotometricInterpretation', '?')}, "
                         f"{h.get('SamplesPerPixel')} samples per pixel); only greyscale CT/MR is restored")
     rows, cols = _int_attr(h, "Rows", 0, path), _int_attr(h, "Columns", 0, path)
     if rows <= 0 or cols <= 0:
@@ -488,7 +494,7 @@ def _enhanced_frames(path: Path, h: Dataset, n_frames: int) -> list[Frame]:
 
 
 # ----------------------------------------------------------------------------- grouping
-def _series_key(fr: Frame) -> tuple:
+def series_key(fr: Frame) -> tuple:
     h = fr.header
     uid = str(h.get("SeriesInstanceUID", "") or "")
     if not uid:  # some exports blank the UIDs: fall back on the folder and series number
@@ -497,7 +503,7 @@ def _series_key(fr: Frame) -> tuple:
     image_type = tuple(str(v).upper() for v in (h.get("ImageType") or []))
     multi = str(fr.path) if fr.frame is not None else ""
     return (uid, str(h.get("SeriesNumber", "")), int(h.Rows), int(h.Columns), ori, _num(h.get("EchoNumbers")),
-            _num(h.get("EchoTime")), "LOCALIZER" in image_type, _sop_class(h), multi, fr.stack,
+            _num(h.get("EchoTime")), "LOCALIZER" in image_type, sop_class(h), multi, fr.stack,
             tuple(np.round(fr.pixel_spacing, 4)))
 
 
@@ -713,7 +719,7 @@ def _tilt_degrees(step: np.ndarray, normal: np.ndarray) -> float:
     return float(np.degrees(np.arccos(cos)))
 
 
-def _description(h: Dataset) -> str:
+def series_description(h: Dataset) -> str:
     parts = [str(h.get("SeriesDescription", "") or "").strip() or str(h.get("ProtocolName", "") or "").strip()]
     if not parts[0]:
         parts = [f"{h.get('Modality', 'DICOM')} series {h.get('SeriesNumber', '')}".strip()]
