@@ -111,3 +111,19 @@ def test_demo_writes_outputs(tmp_path):
     assert any(name.endswith("_dicom") for name in files)
     dicom = next(p for p in (tmp_path / "demo").iterdir() if p.name.endswith("_dicom"))
     assert nr.load(dicom)[0].array.shape == (24, 192, 192)
+
+
+def test_modality_option_picks_the_model_for_a_nifti_that_does_not_say(shared_data, tmp_path, monkeypatch, capsys):
+    """mr/nifti/T1.nii.gz carries no modality: --modality MR makes the installed MR model apply."""
+    models = tmp_path / "models"
+    monkeypatch.setenv("NAPARI_RESTORE_MODELS", str(models))
+    monkeypatch.setattr("napari_restore.models.BUNDLED_DIR", tmp_path / "no-bundled-models")
+    save_tiny(models / "tiny-mr", name="tiny-mr", modality="MR",
+              intensity={"kind": "percentile", "lower": 1.0, "upper": 99.0})
+    src = shared_data / "mr/nifti/T1.nii.gz"
+    assert main(["restore", str(src), str(tmp_path / "no.nii.gz")]) == EXIT_ERROR
+    assert "no trained" in capsys.readouterr().err
+    out = tmp_path / "t1_dicom"
+    assert main(["restore", str(src), str(out), "--modality", "MR"]) == EXIT_OK
+    back = nr.load(out)[0]
+    assert back.modality == "MR" and back.array.shape == nr.load(src)[0].array.shape

@@ -77,6 +77,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     src = Path(args.input)
     volume = _pick_series(load(src), args.series, src)
+    if args.modality and volume.modality == "OT":  # NIfTI/MHA do not say: the user does
+        volume.modality = args.modality.upper()
     out = Path(args.output)
     dicom_out = _is_dicom_target(out, args.format)
     deid = None
@@ -95,7 +97,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         close()
     kwargs = {}
     if dicom_out:
-        kwargs = {"format": "dicom", "series_description": args.series_description, "modality": args.modality}
+        kwargs = {"format": "dicom", "series_description": args.series_description, "modality": args.modality.upper() if args.modality else None}
         if deid is not None:
             kwargs.update(deidentify=deid, accept_burned_in=args.accept_burned_in)
     written = save(result, out, overwrite=args.overwrite, **kwargs)
@@ -242,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--format", choices=("dicom", "nifti", "mha", "nrrd"), default=None,
                    help="force the output format (default: from OUTPUT's suffix; no suffix = DICOM folder)")
     r.add_argument("--series-description", default=None, help="SeriesDescription of an exported DICOM series")
-    r.add_argument("--modality", default=None, help="modality of a DICOM export from a non-DICOM input (CT or MR)")
+    r.add_argument("--modality", default=None, choices=("CT", "MR", "ct", "mr"),
+                   help="CT or MR: the input's modality when the file does not say (NIfTI/MHA), which picks the "
+                        "model and is written into a DICOM export")
     r.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never done otherwise)")
     r.add_argument("--deidentify", action="store_true",
                    help="DICOM output: apply the DICOM PS3.15 Annex E basic confidentiality profile (new UIDs, "
