@@ -155,10 +155,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     save(noisy, out / "sample_input.nii.gz", overwrite=True)
     save(restored, out / f"sample_{name}.nii.gz", overwrite=True)
     save(restored, out / f"sample_{name}_dicom", format="dicom", overwrite=True)
-    png = before_after_png(noisy, restored, out / "before_after.png", title=f"sample CT phantom: input vs {name}")
+    before_after_png(noisy, restored, out / "before_after.png", title=f"sample CT phantom: input vs {name}")
     for p in sorted(out.iterdir()):
         print(f"wrote {p}")
-    del png
     return EXIT_OK
 
 
