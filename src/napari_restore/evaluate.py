@@ -236,7 +236,10 @@ def evaluate(sources: Sequence[str | os.PathLike | Volume], degradation: str = "
         params: degradation parameters (see :func:`napari_restore.degrade.degrade`); defaults:
             dose 0.25, sigma_fraction 0.05, ``fwhm_vox`` 2 (FWHM in in-plane voxels), motion
             ``length_vox`` 5 at 30 deg. CT noise is projection-domain (FBP) unless
-            ``method="image"`` is given.
+            ``method="image"`` is given. For the blurs, ``noise_range_fraction`` (default 0)
+            adds white noise after the blur with SD = that fraction of the clean volume's
+            1st-99th percentile range (``0.01`` = "1 % noise"); ``noise_sd`` gives it in image
+            units instead.
         methods: subset of :data:`METHODS`; ``"model"`` needs ``model``.
         model: model name, folder, bundle or ``LoadedModel`` for ``"model"``.
         slices: slices scored per volume (evenly spaced over the middle 80 %).
@@ -294,6 +297,13 @@ def evaluate(sources: Sequence[str | os.PathLike | Volume], degradation: str = "
             notes.append(f"{vname}: only {nz} slices, so the NLM tuning slice is also scored (ask for fewer slices)")
         z_tune = free[len(free) // 2]
         p = _degrade_params(degradation, params, vol.spacing)
+        frac = float(p.pop("noise_range_fraction", 0.0) or 0.0)
+        if blur_kind and frac > 0:
+            from .intensity import sample_values
+
+            p1, p99 = np.percentile(sample_values(vol.array), [1, 99])
+            p["noise_sd"] = frac * float(p99 - p1)
+            notes.append(f"{vname}: noise SD {frac:g} x the 1-99 % range ({p1:g} .. {p99:g}) = {p['noise_sd']:.3g}")
         idx = np.concatenate([zs, [z_tune]])
         full_clean = vol.array[idx].astype(np.float32)
         full_deg = degrade(full_clean, degradation, seed=seed + vi, spacing_mm=vol.spacing, **p)
@@ -394,8 +404,8 @@ def add_evaluate_arguments(ap) -> None:
                     help="ct_lowdose: FBP of Poisson sinogram noise (projection) or its fast image-domain twin")
     ap.add_argument("--sigma-fraction", type=float, default=0.05, help="mr_rician: noise SD / tissue signal")
     ap.add_argument("--fwhm-vox", type=float, default=2.0, help="gaussian_blur: PSF FWHM in voxels")
-    ap.add_argument("--noise-sd", type=float, default=0.0, help="blur: white noise SD after the blur (fraction of "
-                    "the signal range)")
+    ap.add_argument("--noise-sd", type=float, default=0.0, help="blur: white noise after the blur, SD as a fraction "
+                    "of the clean volume's 1st-99th percentile range (0.01 = 1 %%)")
     ap.add_argument("--methods", default="input,nlm,bm3d,model,rl",
                     help="comma-separated: input, model, nlm (tuned h), bm3d (if installed; true sigma), rl "
                          "(Richardson-Lucy, true PSF, blur only)")
@@ -411,8 +421,8 @@ def run_from_args(args) -> EvalResult:
     """Run :func:`evaluate` from :func:`add_evaluate_arguments`' namespace; prints and saves the results."""
     params = {"ct_lowdose": {"dose": args.dose, "method": args.ct_noise_method},
               "mr_rician": {"sigma_fraction": args.sigma_fraction},
-              "gaussian_blur": {"fwhm_vox": args.fwhm_vox, "noise_sd": args.noise_sd},
-              "motion_blur": {"noise_sd": args.noise_sd}}[args.degradation]
+              "gaussian_blur": {"fwhm_vox": args.fwhm_vox, "noise_range_fraction": args.noise_sd},
+              "motion_blur": {"noise_range_fraction": args.noise_sd}}[args.degradation]
     methods = [m for m in args.methods.split(",") if m and not (m == "model" and args.model is None)]
     print(f"machine: {machine_description()}")
     print(f"inputs: {args.data}; {args.degradation} {params}; {args.slices} slices/volume, crop {args.crop}")
