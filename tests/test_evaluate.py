@@ -65,3 +65,39 @@ def test_evaluate_bad_arguments(shared_data):
         evaluate([src], methods=["model"])
     with pytest.raises(InputError, match="no such file"):
         evaluate([src.parent / "missing.nii.gz"], methods=["input"])
+
+
+def test_blur_noise_is_a_fraction_of_the_volume_range(shared_data):
+    """--noise-sd 0.01 means 1 % of the clean volume's 1-99 % range, in image units per volume."""
+    import numpy as np
+
+    from napari_restore import load
+    from napari_restore.intensity import sample_values
+
+    src = shared_data / "mr" / "nifti" / "T1.nii.gz"
+    res = evaluate([src], "gaussian_blur", {"fwhm_vox": 2.0, "noise_range_fraction": 0.01}, methods=["input", "nlm"],
+                   slices=2, crop=96)
+    p1, p99 = np.percentile(sample_values(load(src)[0].array), [1, 99])
+    expected = 0.01 * (p99 - p1)
+    assert expected > 1.0  # a real amount of noise, not 0.01 image units
+    note = next(n for n in res.notes if "added noise SD" in n)
+    assert float(note.rsplit(" ", 1)[1]) == pytest.approx(expected, rel=1e-3)
+    assert "nlm" in {r["method"] for r in res.rows}  # there is noise, so NLM runs
+
+
+def test_whole_volume_gives_the_model_every_degraded_slice(shared_data, tmp_path):
+    """A 3-D model needs the neighbouring slices: it sees the whole degraded volume, scored on the chosen slices."""
+    from napari_restore.models import save_model
+    from napari_restore.networks import DEFAULT_3D, build_network
+
+    net = build_network("ResidualUNet", DEFAULT_3D)  # zero-initialised: the identity
+    card = {"name": "untrained-3d", "version": "0.0.1", "task": "denoise", "modality": "CT", "dims": 3,
+            "intensity": {"kind": "ct", "center": 0.0, "scale": 512.0, "clip": [-1024.0, 3071.0]}}
+    model = save_model(net, card, tmp_path / "untrained-3d")
+    src = shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"
+    res = evaluate([src], "ct_lowdose", {"dose": 0.25, "method": "image"}, methods=["input", "model"], model=model,
+                   slices=3, crop=64)
+    rows = {r["method"]: r for r in res.rows}
+    assert any("3-D model: every slice is degraded" in n for n in res.notes)
+    assert rows["model"]["psnr"] == pytest.approx(rows["input"]["psnr"], abs=1e-3)
+    assert rows["model"]["slices"] == rows["input"]["slices"] == 3

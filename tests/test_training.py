@@ -271,3 +271,28 @@ def test_ct_noise_level_range_sets_the_added_noise(shared_data, cache):
                 sds[level].append(float(noise[body].std()))
     for level, values in sds.items():
         assert values and 0.6 * level < np.median(values) < 1.6 * level, (level, values)
+
+
+def test_prewarmed_ct_maps_equal_the_lazily_computed_ones(shared_data, cache):
+    """prewarm_ct_maps (2 forked processes) fills the same maps a worker would compute itself."""
+    from napari_restore.training.data import prewarm_ct_maps
+
+    spec = {"kind": "ct", "center": 0.0, "scale": 128.0, "clip": [-1024.0, 3071.0]}
+    warm = load_series([shared_data / "ct/nifti/example_ct_sm.nii.gz"], "CT", spec, cache_dir=cache)
+    lazy = load_series([shared_data / "ct/nifti/example_ct_sm.nii.gz"], "CT", spec, cache_dir=cache)
+    prewarm_ct_maps(warm, 2)
+    nz = warm[0].array.shape[0]
+    assert all(z in warm[0]._ct_maps and ("median", z) in warm[0]._ct_maps for z in range(nz))
+    for z in (0, nz // 2, nz - 1):
+        np.testing.assert_array_equal(warm[0]._ct_maps[z][0], lazy[0].ct_maps(z)[0])
+        assert warm[0]._ct_maps[("median", z)] == lazy[0].ct_median_sd(z)
+
+
+def test_max_minutes_stops_after_the_epoch_past_the_limit(shared_data, tmp_path, cache):
+    cfg = _cfg(tmp_path, [shared_data / "ct/nifti/example_ct_sm.nii.gz"], epochs=50, max_minutes=1e-4,
+               val_data=[str(shared_data / "ct/nifti/cta_pulmonary_cropped.nii.gz")], cache_dir=str(cache),
+               dose_range=(0.25, 0.25))
+    result = train(cfg)
+    assert [r["epoch"] for r in result.history] == [1]
+    card = json.loads((result.model_dir / "card.json").read_text())
+    assert card["training"]["stopped_early"] is True and card["training"]["config"]["max_minutes"] == 1e-4

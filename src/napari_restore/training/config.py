@@ -65,7 +65,8 @@ class TrainConfig:
     Optimisation:
         patch_size, batch_size, epochs, steps_per_epoch, lr, weight_decay, schedule, loss,
         ssim_weight (weight of MONAI ``SSIMLoss`` added to L1/MSE), patience (early stopping on
-        validation loss, 0 = off), val_slices (validation slices/patches per volume, at most),
+        validation loss, 0 = off), max_minutes (stop after the first epoch that ends past this
+        wall time, keeping the best checkpoint; 0 = no limit), val_slices (validation slices/patches per volume, at most),
         val_crop (in-plane crop side of validation slices, 0 = whole slices), augment, jitter
         (relative intensity jitter, applied to input and target alike), seed, device, num_workers.
     Output card: name (default: the output folder's name), version, description, license,
@@ -108,6 +109,7 @@ class TrainConfig:
     loss: str = "l1"
     ssim_weight: float = 0.0
     patience: int = 10
+    max_minutes: float = 0.0
     val_slices: int = 8
     val_crop: int = 256
     augment: bool = True
@@ -303,6 +305,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--loss", choices=LOSSES, default=d.loss)
     p.add_argument("--ssim-weight", type=float, default=d.ssim_weight)
     p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--max-minutes", type=float, default=d.max_minutes,
+                   help="stop after the epoch that ends past this many minutes (0 = no limit)")
     p.add_argument("--val-slices", type=int, default=d.val_slices)
     p.add_argument("--val-crop", type=int, default=d.val_crop)
     p.add_argument("--no-augment", dest="augment", action="store_false")

@@ -91,6 +91,43 @@ class SeriesData:
         return self._ct_maps[z]
 
 
+_PREWARM: list[SeriesData] = []  # read by forked pool processes in prewarm_ct_maps
+
+
+def _slice_ct_maps(job: tuple[int, int]) -> tuple[int, int, np.ndarray, np.ndarray, float]:
+    r, z = job
+    rec = _PREWARM[r]
+    vp, ve = rec.ct_maps(z)
+    return r, z, vp, ve, rec.ct_median_sd(z)
+
+
+def prewarm_ct_maps(series: Sequence[SeriesData], processes: int) -> None:
+    """Compute the CT noise maps of every slice of ``series`` in ``processes`` forked processes.
+
+    Training then forks its DataLoader workers from a process that already holds the maps,
+    instead of every worker computing all of them (~0.3 s per 512x512 slice each).
+    """
+    global _PREWARM
+    import multiprocessing as mp
+
+    cts = [s for s in series if s.modality == "CT"]
+    jobs = [(r, z) for r, s in enumerate(cts) for z in range(s.array.shape[0]) if z not in s._ct_maps]
+    if not jobs:
+        return
+    if processes < 2 or "fork" not in mp.get_all_start_methods():
+        for r, z in jobs:
+            cts[r].ct_median_sd(z)
+        return
+    _PREWARM = cts
+    try:
+        with mp.get_context("fork").Pool(processes) as pool:
+            for r, z, vp, ve, med in pool.imap_unordered(_slice_ct_maps, jobs, chunksize=4):
+                cts[r]._ct_maps[z] = (vp, ve)
+                cts[r]._ct_maps[("median", z)] = med
+    finally:
+        _PREWARM = []
+
+
 def _median_body_sd(vp: np.ndarray, hu: np.ndarray) -> float:
     """Median of ``sqrt(vp)`` over the body (HU > -500) of one slice, 1.0 when there is no body."""
     body = hu > -500
@@ -392,6 +429,10 @@ class Degradation:
     ct_method: str = "image"
     noise_hu_range: tuple[float, float] | None = None  # CT: median body noise SD (HU) instead of a dose
 
+    def uses_ct_maps(self) -> bool:
+        """Whether :meth:`apply` reads the per-slice CT noise maps (:meth:`SeriesData.ct_maps`)."""
+        return self.kind == "ct_lowdose" and (self.noise_hu_range is not None or self.ct_method != "projection")
+
     def margin(self) -> int:
         if self.kind == "gaussian_blur":
             return int(math.ceil(4.0 * self.fwhm_range[1] / 2.3548)) + 1
@@ -590,5 +631,5 @@ def validation_set(series: list[SeriesData], patch_size: Sequence[int], n_per_se
     return items
 
 
-__all__ = ["SeriesData", "load_series", "split_series", "match_pairs", "PatchDataset", "Degradation",
+__all__ = ["SeriesData", "load_series", "split_series", "match_pairs", "PatchDataset", "Degradation", "prewarm_ct_maps",
            "validation_set", "augment", "ct_noise_variance_maps", "ct_shaped_noise"]

@@ -25,7 +25,8 @@ import torch
 
 from ..errors import Cancelled, InputError, ModelError, OutputError
 from .config import TrainConfig, TrainResult
-from .data import Degradation, PatchDataset, SeriesData, load_series, match_pairs, split_series, validation_set
+from .data import (Degradation, PatchDataset, SeriesData, load_series, match_pairs, prewarm_ct_maps, split_series,
+                   validation_set)
 from .distributed import DistInfo, all_mean, barrier, setup, sync_buffers, teardown, unwrap, wrap
 from .losses import Neighbor2NeighborLoss, Noise2VoidLoss, SupervisedLoss
 
@@ -228,6 +229,9 @@ class _Run:
             self.sup_loss = SupervisedLoss(cfg.loss, cfg.ssim_weight, cfg.dims)
 
         # ---- datasets
+        if cfg.num_workers > 1 and self.degradation is not None and self.degradation.uses_ct_maps():
+            # once here, in parallel, instead of once per DataLoader worker (they fork from here)
+            prewarm_ct_maps(self.train_series, cfg.num_workers)
         per_rank = cfg.steps_per_epoch * cfg.batch_size
         self.dataset = PatchDataset(self.train_series, cfg.patch_size, per_rank * self.info.world_size,
                                     self.degradation, self.train_targets, cfg.augment, cfg.jitter, cfg.seed)
@@ -386,6 +390,9 @@ class _Run:
                 else:
                     self.since_best += 1
                 stop = cfg.patience > 0 and self.since_best >= cfg.patience
+                if cfg.max_minutes > 0:  # rank 0's clock decides, so that all ranks stop together
+                    late = float(time.perf_counter() - self.t0 > 60.0 * cfg.max_minutes) if info.is_main else 0.0
+                    stop = stop or all_mean(late, info) > 0
                 if info.is_main:
                     self._log(rec, log_path, writer)
                     self._checkpoint(run_dir, improved)
