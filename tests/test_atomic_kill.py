@@ -108,6 +108,8 @@ def test_sigkill_during_series_export_and_checkpoint_save(shared_data, tmp_path)
             loaded = load_model(target)
             assert all(torch.equal(a, b) for a, b in zip(loaded.network.state_dict().values(),
                                                           net.state_dict().values()))
+        # the rerun also removed what the killed writer left (its process is gone)
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{target.name}.")]
     killed = [o for o in outcomes if o[1] == "killed"]
     assert len(killed) >= 20, outcomes
     # the kills landed at different moments: some before anything appeared, some (maybe) after
@@ -171,3 +173,26 @@ def test_read_only_target_gives_clear_error_and_leaves_nothing(shared_data, tmp_
             assert str(ro) in str(info.value)
             assert "writable" in str(info.value) or "Read-only" in str(info.value)
         assert list(ro.iterdir()) == []
+
+
+def test_leftovers_of_a_live_writer_are_kept(tmp_path):
+    """Only siblings of dead processes are cleared: a concurrent writer's temporary folder stays."""
+    from napari_restore.io.atomic import _owner_tag, atomic_file, clear_dead_siblings
+
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        host = _owner_tag().split("~")[0]
+        live = tmp_path / f".out.nii.gz.partial-{host}~{proc.pid}~abc"
+        live.mkdir()
+        foreign = tmp_path / ".out.nii.gz.partial-otherhost~1~abc"
+        foreign.mkdir()
+        legacy = tmp_path / ".out.nii.gz.partial-xyz"
+        legacy.mkdir()
+        assert clear_dead_siblings(tmp_path / "out.nii.gz") == []
+        with atomic_file(tmp_path / "out.nii.gz") as tmp:
+            tmp.write_bytes(b"x")
+        assert live.exists() and foreign.exists() and legacy.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert clear_dead_siblings(tmp_path / "out.nii.gz") == [live]

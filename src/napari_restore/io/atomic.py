@@ -1,13 +1,17 @@
 """Atomic outputs: write into a temporary sibling, then rename into place.
 
 A failure (exception, full disk, SIGKILL) leaves either the complete target or nothing: the
-temporary sibling is named ``.<name>.partial-<random>`` and is removed on error.
+temporary sibling is named ``.<name>.partial-<host>~<pid>~<random>`` and is removed on error.
+After a SIGKILL the sibling stays hidden beside the target; the next atomic write to the same
+target removes such siblings whose process, on this host, is gone.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,9 +49,52 @@ def _publishable(path: Path, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
 
 
+def _owner_tag() -> str:
+    """``<host>~<pid>~``: who writes a temporary sibling (host reduced to [A-Za-z0-9_])."""
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', socket.gethostname())}~{os.getpid()}~"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clear_dead_siblings(target: Path) -> list[Path]:
+    """Remove ``.<name>.partial-*`` / ``.<name>.old-*`` siblings of ``target`` left by a process of
+    this host that no longer runs (a SIGKILL mid-write); returns what was removed."""
+    target = Path(target)
+    host, _, _ = _owner_tag().partition("~")
+    removed = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return removed
+    for kind in ("partial", "old"):
+        prefix = f".{target.name}.{kind}-"
+        for entry in entries:
+            if not entry.name.startswith(prefix):
+                continue
+            m = re.match(r"([A-Za-z0-9_]+)~(\d+)~", entry.name[len(prefix):])
+            if m is None or m.group(1) != host or int(m.group(2)) == os.getpid() or _pid_alive(int(m.group(2))):
+                continue
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            removed.append(path)
+    return removed
+
+
 def _replace(tmp: Path, target: Path) -> None:
     if target.is_dir() and not target.is_symlink():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        old = target.with_name(f".{target.name}.old-{_owner_tag()}")
         os.replace(target, old)
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
@@ -60,8 +107,9 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
     """Yield an empty temporary folder; on success it becomes ``target`` in one rename."""
     target = Path(target)
     _check_target(target, overwrite)
+    clear_dead_siblings(target)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{_owner_tag()}", dir=target.parent))
         _publishable(tmp, directory=True)
     except OSError as exc:
         raise OutputError(f"cannot write here: {exc.strerror or exc}", target.parent) from None
@@ -83,8 +131,10 @@ def atomic_file(target: str | os.PathLike, overwrite: bool = False) -> Iterator[
     target = Path(target)
     _check_target(target, overwrite)
     suffix = "".join(target.suffixes)
+    clear_dead_siblings(target)
     try:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}.partial-", suffix=suffix, dir=target.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.partial-{_owner_tag()}", suffix=suffix,
+                                    dir=target.parent)
         os.close(fd)
         _publishable(Path(name), directory=False)
     except OSError as exc:
