@@ -267,7 +267,7 @@ def _unit_fbp_noise(filter_name: str, size: int = 128, realisations: int = 24) -
     return f, nps, variance * size
 
 
-def _shaped_unit_noise(shape: tuple[int, int], filter_name: str, rng: np.random.Generator) -> np.ndarray:
+def shaped_unit_noise(shape: tuple[int, int], filter_name: str, rng: np.random.Generator) -> np.ndarray:
     """Stationary Gaussian noise of unit variance whose NPS is the FBP noise NPS (pixel units)."""
     f_r, nps_r, _ = _unit_fbp_noise(filter_name)
     h, w = shape
@@ -277,7 +277,7 @@ def _shaped_unit_noise(shape: tuple[int, int], filter_name: str, rng: np.random.
     return np.fft.ifft2(np.fft.fft2(rng.standard_normal((h, w))) * amp).real
 
 
-def _local_noise_sd_map(hu: np.ndarray, dx: float, dose: float, photons: float, electronic_noise: float,
+def local_noise_sd_map(hu: np.ndarray, dx: float, dose: float, photons: float, electronic_noise: float,
                         filter_name: str, mu_water: float, tcm: float) -> np.ndarray:
     """Expected SD (HU) of the projection-domain noise at every pixel, without simulating it.
 
@@ -311,8 +311,8 @@ def _local_noise_sd_map(hu: np.ndarray, dx: float, dose: float, photons: float, 
 
 def _ct_noise_image_2d(hu: np.ndarray, dx: float, dose: float, photons: float, electronic_noise: float,
                        filter_name: str, mu_water: float, tcm: float, rng: np.random.Generator) -> np.ndarray:
-    sd = _local_noise_sd_map(hu, dx, dose, photons, electronic_noise, filter_name, mu_water, tcm)
-    return _shaped_unit_noise(hu.shape, filter_name, rng) * sd
+    sd = local_noise_sd_map(hu, dx, dose, photons, electronic_noise, filter_name, mu_water, tcm)
+    return shaped_unit_noise(hu.shape, filter_name, rng) * sd
 
 
 def ct_lowdose_added_noise(

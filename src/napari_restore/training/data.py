@@ -146,7 +146,7 @@ def ct_noise_variance_maps(hu: np.ndarray, dx: float) -> tuple[np.ndarray, np.nd
     variance scales as ``1/dx^3``) and interpolated back.
     """
     from ..degrade import (DEFAULT_ELECTRONIC_NOISE, DEFAULT_PHOTONS, DEFAULT_TCM, MU_WATER_PER_MM,
-                           _local_noise_sd_map)
+                           local_noise_sd_map)
 
     f = max(1, int(math.floor(2.0 / dx)))
     small = hu.astype(np.float64)
@@ -158,7 +158,7 @@ def ct_noise_variance_maps(hu: np.ndarray, dx: float) -> tuple[np.ndarray, np.nd
 
     # one evaluation at dose 0.5: variance = vp + 3 ve; the electronic share ve is below 1 % of the
     # variance in soft tissue (measured on the Siemens body CT), so it is folded into vp
-    sd = _local_noise_sd_map(small, dxs, 0.5, DEFAULT_PHOTONS, DEFAULT_ELECTRONIC_NOISE, _CT_FILTER,
+    sd = local_noise_sd_map(small, dxs, 0.5, DEFAULT_PHOTONS, DEFAULT_ELECTRONIC_NOISE, _CT_FILTER,
                              MU_WATER_PER_MM, DEFAULT_TCM)
     vp = sd.astype(np.float64) ** 2 * f**3
     if f > 1:
@@ -171,9 +171,9 @@ def ct_noise_variance_maps(hu: np.ndarray, dx: float) -> tuple[np.ndarray, np.nd
 
 def ct_shaped_noise(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """Unit-variance stationary noise with the NPS of FBP noise (degrade's image method)."""
-    from ..degrade import _shaped_unit_noise
+    from ..degrade import shaped_unit_noise
 
-    return _shaped_unit_noise(shape, _CT_FILTER, rng).astype(np.float32)
+    return shaped_unit_noise(shape, _CT_FILTER, rng).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------- discovery + cache
