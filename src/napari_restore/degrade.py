@@ -278,7 +278,7 @@ def shaped_unit_noise(shape: tuple[int, int], filter_name: str, rng: np.random.G
 
 
 def local_noise_sd_map(hu: np.ndarray, dx: float, dose: float, photons: float, electronic_noise: float,
-                        filter_name: str, mu_water: float, tcm: float) -> np.ndarray:
+                       filter_name: str, mu_water: float, tcm: float) -> np.ndarray:
     """Expected SD (HU) of the projection-domain noise at every pixel, without simulating it.
 
     For FBP, the noise variance at ``x`` is ``kappa / n_views`` times the mean over views of the

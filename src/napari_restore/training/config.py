@@ -66,8 +66,8 @@ class TrainConfig:
         patch_size, batch_size, epochs, steps_per_epoch, lr, weight_decay, schedule, loss,
         ssim_weight (weight of MONAI ``SSIMLoss`` added to L1/MSE), patience (early stopping on
         validation loss, 0 = off), max_minutes (stop after the first epoch that ends past this
-        wall time, keeping the best checkpoint; 0 = no limit), val_slices (validation slices/patches per volume, at most),
-        val_crop (in-plane crop side of validation slices, 0 = whole slices), augment, jitter
+        wall time, keeping the best checkpoint; 0 = no limit), val_slices (validation
+        slices/patches per volume, at most), val_crop (in-plane crop side of validation slices, 0 = whole slices), augment, jitter
         (relative intensity jitter, applied to input and target alike), seed, device, num_workers.
     Output card: name (default: the output folder's name), version, description, license,
         overwrite; tensorboard, progress_bar; command (recorded in the card; default sys.argv).

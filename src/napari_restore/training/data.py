@@ -159,7 +159,7 @@ def ct_noise_variance_maps(hu: np.ndarray, dx: float) -> tuple[np.ndarray, np.nd
     # one evaluation at dose 0.5: variance = vp + 3 ve; the electronic share ve is below 1 % of the
     # variance in soft tissue (measured on the Siemens body CT), so it is folded into vp
     sd = local_noise_sd_map(small, dxs, 0.5, DEFAULT_PHOTONS, DEFAULT_ELECTRONIC_NOISE, _CT_FILTER,
-                             MU_WATER_PER_MM, DEFAULT_TCM)
+                            MU_WATER_PER_MM, DEFAULT_TCM)
     vp = sd.astype(np.float64) ** 2 * f**3
     if f > 1:
         zoom = (hu.shape[0] / vp.shape[0], hu.shape[1] / vp.shape[1])
