@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "docs")
     args = ap.parse_args(argv)
 
+    from napari_restore.models import load_model
+
+    dims = load_model(args.model).card.dims if args.model else 2  # default: the best installed 2-D CT denoiser
     vol = nr.load(SERIES)[0]
     clean = vol.array[list(SLICES)]
     spacing = vol.spacing
@@ -74,9 +77,19 @@ def main(argv=None) -> int:
         noise = np.stack([ct_lowdose_added_noise(s, spacing[1:], 0.25, method="projection", seed=seed * 100 + k)
                           for k, s in enumerate(clean)])
         body = clean > -500
-        noise *= args.noise_hu / noise[body].std()
+        scale = args.noise_hu / noise[body].std()
+        noise *= scale
         noisy = vol.copy_with((clean + noise).astype(np.float32))
-        restored = nr.restore(noisy, task="denoise", model=args.model, mode="2d", device="cpu").array
+        if dims == 3:  # a 3-D model sees the whole volume, every slice with its own noise
+            full = vol.array.astype(np.float32).copy()
+            for z in range(len(full)):
+                full[z] += scale * ct_lowdose_added_noise(full[z], spacing[1:], 0.25, method="projection",
+                                                          seed=seed * 100 + 50 + z) if z not in SLICES else 0.0
+            full[list(SLICES)] = noisy.array
+            restored = nr.restore(vol.copy_with(full), task="denoise", model=args.model, mode="3d",
+                                  device="cpu").array[list(SLICES)]
+        else:
+            restored = nr.restore(noisy, task="denoise", model=args.model, mode="2d", device="cpu").array
         for k in range(len(SLICES)):
             for mask, centre, radius in inserts(clean[k]):
                 e_noisy = (noisy.array[k] - clean[k])[mask]

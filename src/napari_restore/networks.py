@@ -13,10 +13,11 @@ MONAI :class:`monai.networks.nets.UNet` used as the *residual branch* ``f`` of
   multiple of the total stride and the output cropped back.
 
 The default 2-D network (:data:`DEFAULT_2D`, 0.16 M parameters) is small on purpose, for the
-target of >= 20 slices/s on 2 CPU cores: 28 ms per 512x512 slice on 2 idle threads (torch 2.13,
-MONAI 1.6); with batch norm folded into the convolutions (:func:`prepare_for_inference`, what
-:func:`napari_restore.inference.restore` runs) 39 ms of CPU time per slice, ~42 ms for the whole
-``restore()`` (normalise, run, invert, write), i.e. about 21-25 ms wall on 2 idle cores.
+target of >= 20 slices/s end to end on 2 CPU cores: with batch norm folded into the convolutions
+and channels-last weights (:func:`prepare_for_inference`, what
+:func:`napari_restore.inference.restore` runs) about 17 ms per 512x512 slice on 2 threads
+(torch 2.13, MONAI 1.6; 25 ms with the default memory layout, whose transposed convolutions
+took half of the time), i.e. ~50 slices/s for ``restore()`` and ~29 slices/s from DICOM to DICOM.
 """
 from __future__ import annotations
 
