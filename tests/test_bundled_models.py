@@ -83,3 +83,4 @@ def test_deblur_ct_sharpens_unseen_blurred_ct(shared_data):
     assert min(gains) > 0.0
     assert np.mean(gains) > 1.0
     assert abs(float(out.array.mean() - clean.mean())) < 2.0  # blur and deblur keep the mean HU
+
