@@ -84,18 +84,19 @@ def main(argv=None) -> int:
     t, _ = timed(lambda: nr.restore(vol, model=str(model), device="cpu"), repeat=2)
     rows.append(("ours 2D, preloaded volume (CPU)", n, t))
 
-    def end_to_end():
+    def end_to_end(device: str) -> None:
         v = nr.load(args.series)[0]
-        r = nr.restore(v, model=str(model), device="cpu")
-        nr.save(r, tmp / "e2e", format="dicom", overwrite=True)
+        r = nr.restore(v, model=str(model), device=device)
+        nr.save(r, tmp / f"e2e-{device}", format="dicom", overwrite=True)
 
-    t, _ = timed(end_to_end, repeat=2)
+    t, _ = timed(lambda: end_to_end("cpu"), repeat=2)
     rows.append(("ours 2D, end to end: read DICOM -> restore -> write DICOM (CPU)", n, t))
 
     if args.gpu and torch.cuda.is_available():
         from napari_restore.models import load_model
+        from napari_restore.networks import prepare_for_inference
 
-        net = load_model(str(model), device="cuda").network
+        net = prepare_for_inference(load_model(str(model), device="cuda").network)  # what restore() runs
         x = torch.randn(64, 1, 512, 512, device="cuda")
         with torch.inference_mode():  # float32 (TF32 convolutions), as restore() runs
             net(x)
@@ -109,12 +110,7 @@ def main(argv=None) -> int:
         t, _ = timed(lambda: nr.restore(vg, model=str(model), device="cuda"), repeat=2)
         rows.append(("ours 2D, preloaded volume (GPU)", n, t))
 
-        def end_to_end_gpu():
-            v = nr.load(args.series)[0]
-            r = nr.restore(v, model=str(model), device="cuda")
-            nr.save(r, tmp / "e2e-gpu", format="dicom", overwrite=True)
-
-        t, _ = timed(end_to_end_gpu, repeat=2)
+        t, _ = timed(lambda: end_to_end("cuda"), repeat=2)
         rows.append(("ours 2D, end to end: read DICOM -> restore -> write DICOM (GPU)", n, t))
 
     from skimage.restoration import denoise_nl_means
