@@ -1,10 +1,12 @@
 """CUDA vs CPU: ``restore()`` with the shipped models on real series, max/mean difference and time.
 
-Usage (on a machine with a GPU): ``python benchmarks/cuda_agreement.py``. Prints one line per
+Usage (on a machine with a GPU): ``python benchmarks/cuda_agreement.py [--data DIR]`` (DIR holds
+the ``ct/`` and ``mr/`` folders of the shared data; default ``../shared/data``). Prints one line per
 model and writes nothing. Without CUDA it says so and exits 0.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -20,12 +22,15 @@ CASES = [("denoise-ct", "ct/siemens-body-j2k"), ("deblur-ct", "ct/siemens-body-j
 
 
 def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DATA, help="folder holding ct/ and mr/ (default ../shared/data)")
+    args = p.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to compare")
         return 0
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}")
     for model, rel in CASES:
-        vol = nr.load(DATA / rel)[0]
+        vol = nr.load(args.data / rel)[0]
         cpu = nr.restore(vol, model=model, device="cpu").array.astype(np.float64)
         nr.restore(vol, model=model, device="cuda")  # warm-up
         torch.cuda.synchronize()

@@ -211,14 +211,14 @@ def test_module_entry_point(shared_data, tmp_path, capsys):
     nif = shared_data / "ct" / "nifti"
     out = tmp_path / "cli-model"
     rc = main([str(nif / "example_ct_sm.nii.gz"), "-o", str(out), "--val-data", str(nif / "cta_aorta_cropped.nii.gz"),
-               "--channels", "8,16,32", "--patch-size", "32,32", "--batch-size", "2", "--epochs", "1",
+               "--channels", "8,16,32", "--res-units", "1", "--patch-size", "32,32", "--batch-size", "2", "--epochs", "1",
                "--steps-per-epoch", "2", "--val-slices", "1", "--val-crop", "64", "--no-tensorboard"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert f"saved {out}" in captured.out and "validation PSNR" in captured.out
     assert "train" in captured.err  # the tqdm progress bar
     card = json.loads((out / "card.json").read_text())
-    assert card["architecture"]["args"]["channels"] == [8, 16, 32]
+    assert card["architecture"]["args"]["channels"] == [8, 16, 32] and card["architecture"]["args"]["num_res_units"] == 1
     assert "--channels" in card["training"]["command"] or card["training"]["command"]
     # fine-tune from the model just written (architecture and intensity come from its card)
     rc = main([str(nif / "example_ct_sm.nii.gz"), "-o", str(tmp_path / "tuned"), "--val-data",
@@ -296,3 +296,12 @@ def test_max_minutes_stops_after_the_epoch_past_the_limit(shared_data, tmp_path,
     assert [r["epoch"] for r in result.history] == [1]
     card = json.loads((result.model_dir / "card.json").read_text())
     assert card["training"]["stopped_early"] is True and card["training"]["config"]["max_minutes"] == 1e-4
+    # the cosine spans the time budget: already past it, the first epoch ran at the floor (1 % of lr)
+    assert result.history[0]["lr"] == pytest.approx(cfg.lr * 0.01)
+
+
+def test_time_budget_cosine_follows_epochs_when_time_is_ample(shared_data, tmp_path, cache):
+    cfg = _cfg(tmp_path, [shared_data / "ct/nifti/example_ct_sm.nii.gz"], epochs=2, max_minutes=600.0, lr=1e-3,
+               val_data=[str(shared_data / "ct/nifti/cta_pulmonary_cropped.nii.gz")], cache_dir=str(cache))
+    lrs = [r["lr"] for r in train(cfg).history]
+    assert lrs == pytest.approx([1e-3, 1e-3 * (0.01 + 0.99 * 0.5)], rel=1e-3)  # cosine at epoch 0/2 and 1/2

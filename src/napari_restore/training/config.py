@@ -66,7 +66,8 @@ class TrainConfig:
         patch_size, batch_size, epochs, steps_per_epoch, lr, weight_decay, schedule, loss,
         ssim_weight (weight of MONAI ``SSIMLoss`` added to L1/MSE), patience (early stopping on
         validation loss, 0 = off), max_minutes (stop after the first epoch that ends past this
-        wall time, keeping the best checkpoint; 0 = no limit), val_slices (validation
+        wall time, keeping the best checkpoint, with a cosine schedule spanning that time;
+        0 = no limit), val_slices (validation
         slices/patches per volume, at most), val_crop (in-plane crop side of validation slices, 0 = whole slices), augment, jitter
         (relative intensity jitter, applied to input and target alike), seed, device, num_workers.
     Output card: name (default: the output folder's name), version, description, license,
@@ -280,6 +281,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--run-dir", default=None, help="checkpoints and logs (default <output>.run)")
     p.add_argument("--dims", type=int, choices=(2, 3), default=d.dims)
     p.add_argument("--channels", type=_ints, default=None, help="U-Net channels, e.g. 16,32,64,128")
+    p.add_argument("--res-units", type=int, default=None,
+                   help="residual units per U-Net level (default 0: one plain convolution)")
     p.add_argument("--intensity-scale", type=float, default=None, help="CT: HU per network unit (default 512)")
     p.add_argument("--init-model", default=None, help="fine-tune from an installed model name or a model/bundle folder")
     p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue from")
@@ -306,7 +309,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--ssim-weight", type=float, default=d.ssim_weight)
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--max-minutes", type=float, default=d.max_minutes,
-                   help="stop after the epoch that ends past this many minutes (0 = no limit)")
+                   help="stop after the epoch that ends past this many minutes; a cosine schedule "
+                        "then spans this time (0 = no limit)")
     p.add_argument("--val-slices", type=int, default=d.val_slices)
     p.add_argument("--val-crop", type=int, default=d.val_crop)
     p.add_argument("--no-augment", dest="augment", action="store_false")
@@ -346,13 +350,16 @@ def config_from_args(ns: argparse.Namespace) -> TrainConfig:
     dims = kw.get("dims", 2)
     if kw.get("patch_size") is None:
         kw["patch_size"] = (128, 128) if dims == 2 else (32, 96, 96)
-    channels = getattr(ns, "channels", None)
-    if channels:
+    channels, res_units = getattr(ns, "channels", None), getattr(ns, "res_units", None)
+    if channels or res_units is not None:
         from ..networks import DEFAULT_2D, DEFAULT_3D
 
         arch = dict(DEFAULT_2D if dims == 2 else DEFAULT_3D)
-        arch["channels"] = list(channels)
-        arch["strides"] = [2] * (len(channels) - 1)
+        if channels:
+            arch["channels"] = list(channels)
+            arch["strides"] = [2] * (len(channels) - 1)
+        if res_units is not None:
+            arch["num_res_units"] = int(res_units)
         kw["architecture"] = arch
     scale = getattr(ns, "intensity_scale", None)
     if scale:

@@ -341,6 +341,8 @@ class _Run:
         try:
             while self.epoch < cfg.epochs:
                 te = time.perf_counter()
+                if cfg.max_minutes > 0 and isinstance(self.sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+                    self._time_cosine(info)
                 self.dataset.set_epoch(self.epoch)
                 if self.sampler is not None:
                     self.sampler.set_epoch(self.epoch)
@@ -361,7 +363,7 @@ class _Run:
                     self.opt.zero_grad(set_to_none=True)
                     loss.backward()
                     self.opt.step()
-                    if isinstance(self.sched, torch.optim.lr_scheduler.CosineAnnealingLR):
+                    if isinstance(self.sched, torch.optim.lr_scheduler.CosineAnnealingLR) and not cfg.max_minutes > 0:
                         self.sched.step()
                     self.step += 1
                     losses.append(loss.item())
@@ -406,6 +408,20 @@ class _Run:
             if writer is not None:
                 writer.close()
         return self.finish(run_dir, stopped_early)
+
+    def _time_cosine(self, info) -> None:
+        """Set this epoch's learning rate on a cosine over the run's time budget.
+
+        With ``max_minutes`` the run ends on the clock, so the cosine spans whichever is further
+        along: the epochs done or the wall time used (ranks' clocks averaged, so that every rank
+        uses the same rate). Decays to 1 % of ``lr`` like the per-step cosine.
+        """
+        cfg = self.cfg
+        used = all_mean(time.perf_counter() - self.t0, info) / (60.0 * cfg.max_minutes)
+        progress = min(1.0, max(self.epoch / cfg.epochs, used))
+        lr = cfg.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+        for group in self.opt.param_groups:
+            group["lr"] = lr
 
     def _log(self, rec: dict[str, Any], log_path: Path, writer) -> None:
         with open(log_path, "a", newline="") as fh:
