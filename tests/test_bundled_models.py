@@ -84,3 +84,20 @@ def test_deblur_ct_sharpens_unseen_blurred_ct(shared_data):
     assert np.mean(gains) > 1.0
     assert abs(float(out.array.mean() - clean.mean())) < 2.0  # blur and deblur keep the mean HU
 
+
+
+def test_deblur_mr_sharpens_unseen_blurred_mr(shared_data):
+    """Siemens Prisma MR (never trained on), Gaussian blur FWHM 2 voxels + 1 % white noise."""
+    from napari_restore.degrade import degrade
+    from napari_restore.metrics import psnr
+
+    vol = nr.load(shared_data / "mr/siemens-prisma-jpeg-fragments")[0]
+    clean = vol.array[30:34]
+    rng = float(np.percentile(clean, 99) - np.percentile(clean, 1))
+    blurred = degrade(clean, "gaussian_blur", seed=0, spacing_mm=vol.spacing, fwhm_mm=2.0 * vol.spacing[1],
+                      noise_sd=0.01 * rng)
+    out = nr.restore(vol.copy_with(blurred.astype(np.float32)), task="deblur", device="cpu")
+    assert out.meta["provenance"][-1]["model"] == "deblur-mr"
+    gains = [psnr(c, o, rng) - psnr(c, b, rng) for c, o, b in zip(clean, out.array, blurred)]
+    assert min(gains) > 0.0  # no slice gets worse than its degraded input
+    assert np.mean(gains) > 3.0  # measured ~5 dB
