@@ -119,6 +119,7 @@ def test_tiled_2d_agrees_with_whole_slices(noisy, trained):
 
 def test_tiled_3d_agrees_with_one_window(noisy, tmp_path):
     args = {**TINY_ARGS, "spatial_dims": 3}
+    torch.manual_seed(0)  # the initial weights: not left to the order the tests run in
     net = build_network("ResidualUNet", args)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -132,7 +133,9 @@ def test_tiled_3d_agrees_with_one_window(noisy, tmp_path):
     correction = np.abs(whole.array - noisy.array)
     diff = np.abs(tiled.array - whole.array)
     assert correction.max() > 100
-    assert diff.max() < 0.03 * correction.max() and np.percentile(diff, 99) < 1.0
+    # relative to the correction (a random network moves voxels by hundreds of HU; the seams of
+    # 16 x 48 x 48 windows differ at the per-cent level)
+    assert diff.max() < 0.03 * correction.max() and np.percentile(diff, 99) < 0.01 * correction.max()
     assert seen[-1][0] == seen[-1][1] > 1 and all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))
 
 
