@@ -85,7 +85,6 @@ def test_deblur_ct_sharpens_unseen_blurred_ct(shared_data):
     assert abs(float(out.array.mean() - clean.mean())) < 2.0  # blur and deblur keep the mean HU
 
 
-
 def test_deblur_mr_sharpens_unseen_blurred_mr(shared_data):
     """Siemens Prisma MR (never trained on), Gaussian blur FWHM 2 voxels + 1 % white noise."""
     from napari_restore.degrade import degrade
