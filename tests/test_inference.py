@@ -117,6 +117,41 @@ def test_tiled_2d_agrees_with_whole_slices(noisy, trained):
     assert tiled.meta["provenance"][-1]["tile"] == [48, 48]
 
 
+def test_context_model_sees_each_slice_with_its_mirrored_neighbours(noisy, tmp_path):
+    """A 2.5-D model gets slices z-1, z, z+1 as channels (z-1 of the first slice is the first slice
+    itself); results do not depend on the batch size, tiles agree with whole slices."""
+    from napari_restore.intensity import Normalizer
+    from napari_restore.models import load_model
+
+    args = {**TINY_ARGS, "context": 1}
+    torch.manual_seed(0)
+    net = build_network("ResidualUNet", args)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    folder = save_model(net, tiny_card(name="random-25d", args=args), tmp_path / "m25")
+    vol = noisy.copy_with(noisy.array[:9])
+    out = restore(vol, model=folder, device="cpu", batch_size=4)
+    assert out.array.shape == vol.array.shape
+    np.testing.assert_array_equal(restore(vol, model=folder, device="cpu", batch_size=9).array, out.array)
+    loaded = load_model(folder)
+    norm = Normalizer.fit(loaded.card.intensity, vol.array)
+    x = torch.from_numpy(norm.forward(vol.array))
+    inside = (vol.array >= norm.lo) & (vol.array <= norm.hi)  # clipped voxels keep their value
+    for z, nb in ((0, [0, 0, 1]), (4, [3, 4, 5]), (8, [7, 8, 8])):
+        with torch.no_grad():
+            y = loaded.network.eval()(x[nb][None])[0, 0]
+        expect = norm.inverse_linear(y).numpy()
+        np.testing.assert_allclose(out.array[z][inside[z]], expect[inside[z]], atol=0.05)
+    # the neighbours matter: the same slice with other neighbours comes out differently
+    swapped = restore(vol.copy_with(vol.array[[2, 1, 0]]), model=folder, device="cpu")
+    assert np.abs(swapped.array[1] - out.array[1]).max() > 1.0
+    tiled = restore(vol, model=folder, device="cpu", tile=48, overlap=0.25)
+    correction = np.abs(out.array - vol.array)
+    assert np.abs(tiled.array - out.array).max() < 0.03 * correction.max()
+
+
 def test_tiled_3d_agrees_with_one_window(noisy, tmp_path):
     args = {**TINY_ARGS, "spatial_dims": 3}
     torch.manual_seed(0)  # the initial weights: not left to the order the tests run in

@@ -74,7 +74,7 @@ def test_round_trip_by_folder_json_pt_and_name(tmp_path, user_dir):
     folder = save_model(net, tiny_card(metrics={"psnr_gain_db": 0.1}), tmp_path / "m")
     assert sorted(p.name for p in folder.iterdir()) == ["card.json", "model.pt"]
     card = json.loads((folder / "card.json").read_text())
-    assert card["architecture"] == {"name": "ResidualUNet", "args": TINY_ARGS}
+    assert card["architecture"] == {"name": "ResidualUNet", "args": {**TINY_ARGS, "context": 0}}
     assert card["intensity"]["kind"] == "ct" and card["format_version"] == 1
     x = torch.randn(1, 1, 40, 52)
     with torch.no_grad():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from napari_restore.errors import ModelError
-from napari_restore.networks import (DEFAULT_2D, DEFAULT_3D, ResidualUNet, build_network, network_spec,
-                                     prepare_for_inference)
+from napari_restore.networks import (DEFAULT_2D, DEFAULT_3D, ResidualUNet, build_network, expand_context,
+                                     mirror_indices, network_spec, prepare_for_inference)
 from _engine_helpers import one_torch_thread
 
 
@@ -100,3 +100,28 @@ def test_spec_round_trip_and_fused_inference_copy_agree():
         torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(rebuilt.eval()(x), net(x))
     assert isinstance(rebuilt, ResidualUNet)
+
+
+@pytest.mark.parametrize("nru", [0, 1])
+def test_context_network_takes_neighbours_and_grows_from_a_single_slice_one(nru):
+    single = _randomise(build_network("ResidualUNet", {**DEFAULT_2D, "num_res_units": nru}), seed=2)
+    wide = build_network("ResidualUNet", {**DEFAULT_2D, "num_res_units": nru, "context": 2})
+    assert network_spec(wide)["args"]["context"] == 2
+    x = torch.randn(2, 5, 40, 36)
+    with torch.no_grad():
+        assert wide.eval()(x).shape == (2, 1, 40, 36)
+        assert torch.equal(wide(x), x[:, 2:3])  # untrained: the centre slice unchanged
+        wide.load_state_dict(expand_context(single.state_dict(), wide))
+        # the warm start computes exactly what the single-slice network did
+        torch.testing.assert_close(wide(x), single(x[:, 2:3]), rtol=0, atol=0)
+        # and once the neighbours' weights move, the neighbours change the output
+        first = next(p for p in wide.parameters() if p.ndim == 4 and p.shape[1] == 5)
+        first[:, 0].add_(0.3)
+        assert not torch.allclose(wide(x), single(x[:, 2:3]))
+    with pytest.raises(ModelError, match="context"):
+        build_network("ResidualUNet", {**DEFAULT_3D, "context": 1})
+
+
+def test_mirror_indices_fold_half_sample_symmetric():
+    assert mirror_indices(-2, 7, 4).tolist() == [1, 0, 0, 1, 2, 3, 3]
+    assert mirror_indices(-1, 3, 1).tolist() == [0, 0, 0]

@@ -159,6 +159,87 @@ def test_self_supervised_samplers():
     assert torch.equal(masked[~near], y[~near])  # everything else untouched
 
 
+def test_samplers_with_neighbour_slices():
+    """2.5-D inputs (B, C, H, W): N2N sub-samples every slice at the same cells; N2V masks the centre only."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(2, 3, 16, 16)
+    i1, _, _ = neighbor_subsample(y[:, :1], g)
+    picked = gather_cells(y, i1)
+    assert picked.shape == (2, 3, 8, 8)
+    for c in range(3):
+        torch.testing.assert_close(picked[:, c:c + 1], gather_cells(y[:, c:c + 1], i1), rtol=0, atol=0)
+    masked, centres = n2v_mask(y, blind_spot=1, spacing=4, generator=g)
+    assert torch.equal(masked[:, [0, 2]], y[:, [0, 2]])  # the neighbours are left alone
+    assert bool((masked[:, 1:2][centres] != y[:, 1:2][centres]).all())
+
+
+def test_context_samples_stack_mirrored_neighbours(shared_data, cache):
+    from napari_restore.networks import mirror_indices
+    from napari_restore.training.data import Degradation, PatchDataset, validation_set
+
+    series = load_series([shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"], cache_dir=cache)
+    arr = series[0].array
+    plain = PatchDataset(series, (32, 32), 12, None, augment=False, seed=3, context=1)
+    for i in range(12):  # self-supervised samples: the raw crops, so they can be located
+        item = plain[i]
+        x, t = item["input"].numpy(), item["target"].numpy()
+        assert x.shape == (3, 32, 32) and t.shape == (1, 32, 32)
+        hits = [(z, y0, x0) for z in range(arr.shape[0]) for y0 in range(arr.shape[1] - 31)
+                for x0 in range(arr.shape[2] - 31) if np.array_equal(arr[z, y0:y0 + 32, x0:x0 + 32], t[0])]
+        z, y0, x0 = hits[0]
+        for c, zz in enumerate(mirror_indices(z - 1, 3, arr.shape[0])):
+            np.testing.assert_array_equal(x[c], arr[zz, y0:y0 + 32, x0:x0 + 32])
+    noisy = PatchDataset(series, (32, 32), 4, Degradation("ct_lowdose", noise_hu_range=(30.0, 30.0)), augment=False,
+                         seed=3, context=1)
+    for i in range(4):  # same seed, no augmentation: the same crops as ``plain``, plus noise
+        noise = noisy[i]["input"].numpy() - plain[i]["input"].numpy()
+        np.testing.assert_array_equal(noisy[i]["target"].numpy(), plain[i]["target"].numpy())
+        assert (noise.std(axis=(1, 2)) > 0.02).all()  # ~30 HU / 512 HU per unit in every slice
+        # every slice has its own noise (an end slice's mirrored self aside)
+        if len({tuple(c.ravel()[:8]) for c in plain[i]["input"].numpy()}) == 3:
+            r = np.corrcoef(noise.reshape(3, -1))
+            assert np.abs(r[np.triu_indices(3, 1)]).max() < 0.2
+    items = validation_set(series, (32, 32), 3, 48, Degradation("ct_lowdose"), context=2)
+    assert all(it["input"].shape == (5, 48, 48) and it["target"].shape == (1, 48, 48) for it in items)
+
+
+def test_fine_tuning_grows_a_single_slice_model_into_a_context_model(shared_data, tmp_path, capsys):
+    from napari_restore.training.__main__ import main
+
+    nif = shared_data / "ct" / "nifti"
+    common = [str(nif / "example_ct_sm.nii.gz"), "--val-data", str(nif / "cta_aorta_cropped.nii.gz"),
+              "--patch-size", "32,32", "--batch-size", "2", "--epochs", "1", "--val-slices", "2", "--val-crop", "64",
+              "--no-tensorboard", "--no-progress", "--channels", "8,16,32"]
+    assert main([*common[:1], "-o", str(tmp_path / "one"), *common[1:], "--steps-per-epoch", "6", "--lr", "3e-3"]) == 0
+    base = train(_cfg(tmp_path / "probe", [nif / "example_ct_sm.nii.gz"], val_data=[str(nif / "cta_aorta_cropped.nii.gz")],
+                      init_model=str(tmp_path / "one"), architecture=None, context=1, epochs=1, steps_per_epoch=1,
+                      lr=1e-12, val_crop=64))
+    one = json.loads((tmp_path / "one" / "card.json").read_text())
+    grown = json.loads((base.model_dir / "card.json").read_text())
+    assert grown["architecture"]["args"] == {**one["architecture"]["args"], "context": 1}
+    # a learning rate of ~0: the grown model's weights are the single-slice model's, the centre
+    # slice's kernels in place and the neighbours' at zero (batch-norm statistics did move a step)
+    from napari_restore.models import load_model
+
+    w_one, w_grown = load_model(tmp_path / "one").network.state_dict(), load_model(base.model_dir).network.state_dict()
+    widened = [k for k in w_one if w_one[k].shape != w_grown[k].shape]
+    assert len(widened) == 1 and w_grown[widened[0]].shape[1] == 3
+    torch.testing.assert_close(w_grown[widened[0]][:, 1:2], w_one[widened[0]], rtol=0, atol=1e-9)
+    assert w_grown[widened[0]][:, [0, 2]].abs().max() < 1e-9
+    for k in w_one:
+        if k != widened[0] and "running" not in k and "num_batches" not in k:
+            torch.testing.assert_close(w_grown[k], w_one[k], rtol=0, atol=1e-9)
+    # self-supervised fine-tuning of a context model runs (N2N on all slices, N2V masks the centre)
+    for ss in ("n2n", "n2v"):
+        rc = main([*common[:1], "-o", str(tmp_path / ss), *common[1:-2], "--init-model", str(base.model_dir),
+                   "--mode", "self-supervised", "--self-supervised", ss, "--steps-per-epoch", "2"])
+        assert rc == 0, capsys.readouterr().err
+        assert json.loads((tmp_path / ss / "card.json").read_text())["architecture"]["args"]["context"] == 1
+    with pytest.raises(ModelError, match="differs"):
+        train(_cfg(tmp_path / "bad", [nif / "example_ct_sm.nii.gz"], val_data=[str(nif / "cta_aorta_cropped.nii.gz")],
+                   init_model=str(base.model_dir), architecture=None, context=2))
+
+
 def test_bad_inputs_fail_before_training(shared_data, tmp_path, cache):
     nif = shared_data / "ct" / "nifti"
     progress = []

@@ -283,9 +283,11 @@ def evaluate(sources: Sequence[str | os.PathLike | Volume], degradation: str = "
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
         notes.append(f"model: {loaded.card.name} {loaded.card.version} ({loaded.card.task}, {loaded.card.modality}, "
                      f"{loaded.card.dims}-D)")
-        if loaded.card.dims == 3 and not whole_volume:
+        context = loaded.card.architecture["args"].get("context", 0)
+        if (loaded.card.dims == 3 or context) and not whole_volume:
             whole_volume = True
-            notes.append("3-D model: every slice is degraded and the model sees the whole degraded volume")
+            notes.append(f"{'3-D model' if loaded.card.dims == 3 else f'2-D model with {context} neighbouring slices per side'}: "
+                         "every slice is degraded and the model sees the whole degraded volume")
     vols = _volumes(sources)
     params = dict(params or {})
     result = EvalResult(degradation, params, "", machine=machine_description())

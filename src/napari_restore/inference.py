@@ -38,6 +38,7 @@ from .errors import Cancelled, InputError, ModelError, RestoreError
 from .intensity import Normalizer, default_spec
 from . import models as _models
 from .models import LoadedModel, ModelCard, find_model, load_model, user_model_dirs
+from .networks import mirror_indices
 from .volume import Volume
 
 TASKS = ("denoise", "deblur", "enhance", "restore")
@@ -297,6 +298,7 @@ class _Runner:
         """``arr``, ``out``: ``(z, y, x)`` physical units; writes ``out`` batch by batch."""
         norm = self.step.normalizer
         nz, ny, nx = arr.shape
+        k = int(getattr(self.step.network, "context", 0))
         z = 0
         while z < nz:
             self._check_cancel()
@@ -308,8 +310,13 @@ class _Runner:
                 with warnings.catch_warnings():  # read-only input arrays: torch warns, we never write
                     warnings.simplefilter("ignore", UserWarning)
                     src_t = torch.from_numpy(src).to(self.device, torch.float32)
+                    if k:  # 2.5-D: slices z-k .. z+k as channels, mirrored at the volume's ends
+                        block = torch.from_numpy(arr[mirror_indices(z - k, b + 2 * k, nz)]).to(self.device, torch.float32)
                 with torch.inference_mode():
-                    xn = norm.forward(src_t)[:, None]
+                    if k:
+                        xn = norm.forward(block).unfold(0, 2 * k + 1, 1).permute(0, 3, 1, 2).contiguous()
+                    else:
+                        xn = norm.forward(src_t)[:, None]
                     if self.tile is not None and (self.tile[0] < ny or self.tile[1] < nx):
                         pads, roi, ovl = _aligned_windows((ny, nx), self.tile, self.overlap, self._multiple())
                         inferer = _inferer(roi, 4, ovl, self.device, self.device)

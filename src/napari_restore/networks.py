@@ -25,6 +25,7 @@ import copy
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +49,9 @@ class ResidualUNet(nn.Module):
 
     Args:
         spatial_dims: 2 (input ``(B, 1, H, W)``) or 3 (input ``(B, 1, D, H, W)``).
+        context: 2-D only: neighbouring slices on each side given as extra input channels
+            ("2.5-D"): input ``(B, 2 * context + 1, H, W)``, slice ``z - context .. z + context``;
+            the output ``(B, 1, H, W)`` is the centre slice plus the learned correction.
         channels, strides, num_res_units, kernel_size, up_kernel_size, act, dropout: as for
             :class:`monai.networks.nets.UNet`.
         norm: ``"batch"`` or ``None``. Per-sample norms (instance, layer, group) are refused:
@@ -59,7 +63,7 @@ class ResidualUNet(nn.Module):
 
     def __init__(self, spatial_dims: int = 2, channels=(16, 32, 64, 128), strides=(2, 2, 2),
                  num_res_units: int = 0, norm: str | None = "batch", act: str = "PRELU",
-                 dropout: float = 0.0, kernel_size: int = 3, up_kernel_size: int = 3):
+                 dropout: float = 0.0, kernel_size: int = 3, up_kernel_size: int = 3, context: int = 0):
         super().__init__()
         from monai.networks.nets import UNet
 
@@ -73,24 +77,28 @@ class ResidualUNet(nn.Module):
         if len(channels) < 2 or len(strides) != len(channels) - 1 or min(channels) < 1 or min(strides) < 1:
             raise ModelError(f"ResidualUNet: need len(strides) == len(channels) - 1 >= 1, got "
                              f"channels={channels}, strides={strides}")
+        if int(context) < 0 or (int(context) and spatial_dims != 2):
+            raise ModelError(f"ResidualUNet: context slices need spatial_dims=2 and context >= 0, got "
+                             f"context={context!r}, spatial_dims={spatial_dims!r}")
         if not isinstance(act, str):
             raise ModelError(f"ResidualUNet: act must be a MONAI activation name, got {act!r}")
         self.config: dict[str, Any] = {
             "spatial_dims": int(spatial_dims), "channels": channels, "strides": strides,
             "num_res_units": int(num_res_units), "norm": norm_name, "act": act,
             "dropout": float(dropout), "kernel_size": int(kernel_size), "up_kernel_size": int(up_kernel_size),
+            "context": int(context),
         }
-        self.spatial_dims = int(spatial_dims)
+        self.spatial_dims, self.context = int(spatial_dims), int(context)
         self.multiple = int(math.prod(strides))
         self.branch = UNet(
-            spatial_dims=spatial_dims, in_channels=1, out_channels=1, channels=channels,
+            spatial_dims=spatial_dims, in_channels=2 * int(context) + 1, out_channels=1, channels=channels,
             strides=strides, num_res_units=int(num_res_units), norm=norm_name or (), act=act,
             dropout=float(dropout), kernel_size=int(kernel_size), up_kernel_size=int(up_kernel_size),
         )
         zero_last_layer(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(B, 1, *spatial)``; returns the same shape, ``x + f(x)``."""
+        """``x``: ``(B, 2 * context + 1, *spatial)``; returns ``(B, 1, *spatial)``, centre + ``f(x)``."""
         spatial = x.shape[2:]
         pads: list[int] = []
         for size in reversed(spatial):  # F.pad wants the last axis first
@@ -104,7 +112,8 @@ class ResidualUNet(nn.Module):
             r = r[(Ellipsis, *reversed(crop))]
         else:
             r = self.branch(x)
-        return x + r.to(x.dtype)
+        c = self.context
+        return x[:, c:c + 1] + r.to(x.dtype)
 
 
 def zero_last_layer(net: ResidualUNet) -> None:
@@ -157,6 +166,36 @@ def network_spec(net: nn.Module) -> dict[str, Any]:
     raise ModelError(f"{type(net).__name__} is not a whitelisted architecture ({sorted(ARCHITECTURES)})")
 
 
+def mirror_indices(start: int, n: int, size: int) -> np.ndarray:
+    """Indices ``start .. start+n-1`` folded into ``[0, size)`` by half-sample symmetric reflection.
+
+    ``-1 -> 0``, ``size -> size - 1``: the neighbours of an end slice (context networks) and the
+    border of reflect-extended training crops.
+    """
+    i = np.arange(start, start + n) % (2 * size)
+    return np.where(i >= size, 2 * size - 1 - i, i)
+
+
+def expand_context(state: dict[str, torch.Tensor], net: ResidualUNet) -> dict[str, torch.Tensor]:
+    """Weights of a single-slice network laid into ``net`` with context slices (a warm start).
+
+    Every input-layer kernel ``(out, 1, ...)`` goes to the centre channel, the neighbours' kernels
+    start at zero: the expanded network computes exactly what the single-slice one did.
+    """
+    own = net.state_dict()
+    out = {}
+    for key, value in state.items():
+        target = own.get(key)
+        if target is not None and value.shape != target.shape and value.ndim >= 2 and value.shape[1] == 1 \
+                and target.shape[1] == 2 * net.context + 1 and value.shape[2:] == target.shape[2:] \
+                and value.shape[0] == target.shape[0]:
+            grown = torch.zeros_like(target)
+            grown[:, net.context] = value[:, 0]
+            value = grown
+        out[key] = value
+    return out
+
+
 def prepare_for_inference(net: nn.Module) -> nn.Module:
     """An eval-mode copy of ``net`` with batch norm folded into the preceding convolution.
 
@@ -181,4 +220,4 @@ def prepare_for_inference(net: nn.Module) -> nn.Module:
 
 
 __all__ = ["ResidualUNet", "ARCHITECTURES", "DEFAULT_2D", "DEFAULT_3D", "build_network",
-           "network_spec", "prepare_for_inference", "zero_last_layer"]
+           "network_spec", "prepare_for_inference", "zero_last_layer", "expand_context", "mirror_indices"]

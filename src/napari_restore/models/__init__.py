@@ -230,15 +230,20 @@ def save_model(network, card: dict[str, Any] | ModelCard, folder: str | os.PathL
     import torch
 
     from ..io.atomic import atomic_dir
-    from ..networks import network_spec
+    from ..networks import build_network, network_spec
 
     folder = Path(folder)
     data = card.to_dict() if isinstance(card, ModelCard) else dict(card)
     spec = network_spec(network)
-    if "architecture" not in data:
-        data["architecture"] = spec
-    elif json.loads(json.dumps(data["architecture"])) != json.loads(json.dumps(spec)):
-        raise ModelError(f"the card's architecture {data['architecture']} does not match the network {spec}", folder)
+    given = data.get("architecture")
+    if given is not None:  # compared as built: arguments left at their defaults match
+        try:
+            same = given["name"] == spec["name"] and build_network(given["name"], given.get("args")).config == spec["args"]
+        except (KeyError, TypeError, ModelError):
+            same = False
+        if not same:
+            raise ModelError(f"the card's architecture {given} does not match the network {spec}", folder)
+    data["architecture"] = spec
     data.setdefault("dims", spec["args"]["spatial_dims"])
     valid = ModelCard.from_dict(data, folder)
     state = {k: v.detach().to("cpu").clone() for k, v in network.state_dict().items()}

@@ -40,7 +40,9 @@ class TrainConfig:
         output: the model folder written at the end (``card.json`` + ``model.pt``).
         run_dir: checkpoints, ``log.csv``, TensorBoard; default ``<output>.run`` beside ``output``.
         task, modality (``auto`` = from the data), dims (2: slices, 3: patches), architecture
-        (``ResidualUNet`` arguments; ``None`` = the default for ``dims``), intensity (card spec;
+        (``ResidualUNet`` arguments; ``None`` = the default for ``dims``), context (2-D: neighbouring
+        slices on each side as extra input channels, "2.5-D"; ``None`` = the architecture's or the
+        init model's; a single-slice init model is widened, starting as the same function), intensity (card spec;
         ``None`` = the modality default), init_model (fine-tune from an installed model name or a
         model folder / bundle path), resume (a checkpoint file or a run folder: continues from its
         last saved step).
@@ -86,6 +88,7 @@ class TrainConfig:
     run_dir: str | None = None
     dims: int = 2
     architecture: dict[str, Any] | None = None
+    context: int | None = None
     intensity: dict[str, Any] | None = None
     init_model: str | None = None
     resume: str | None = None
@@ -155,6 +158,8 @@ class TrainConfig:
             raise bad(f"modality must be 'auto', 'CT' or 'MR', got {self.modality!r}")
         if self.dims not in (2, 3):
             raise bad(f"dims must be 2 or 3, got {self.dims!r}")
+        if self.context is not None and (int(self.context) < 0 or (int(self.context) and self.dims != 2)):
+            raise bad(f"context (neighbouring slices per side) must be >= 0 and needs dims=2, got {self.context!r}")
         self.patch_size = tuple(int(p) for p in self.patch_size)
         if self.dims == 3 and self.patch_size == (128, 128):  # the 2-D default left in place
             self.patch_size = (32, 96, 96)
@@ -283,6 +288,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--channels", type=_ints, default=None, help="U-Net channels, e.g. 16,32,64,128")
     p.add_argument("--res-units", type=int, default=None,
                    help="residual units per U-Net level (default 0: one plain convolution)")
+    p.add_argument("--context", type=int, default=None,
+                   help="2-D: neighbouring slices on each side as extra input channels (2.5-D; default 0)")
     p.add_argument("--intensity-scale", type=float, default=None, help="CT: HU per network unit (default 512)")
     p.add_argument("--init-model", default=None, help="fine-tune from an installed model name or a model/bundle folder")
     p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue from")

@@ -31,6 +31,7 @@ from scipy import ndimage as ndi
 from ..errors import InputError
 from ..intensity import Normalizer, default_spec
 from ..io import NIFTI_SUFFIXES, SITK_SUFFIXES
+from ..networks import mirror_indices
 
 _IMAGE_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES
 _CT_FILTER = "cosine"
@@ -405,15 +406,9 @@ def match_pairs(low: list[SeriesData], full: list[SeriesData]) -> list[tuple[Ser
 
 
 # ---------------------------------------------------------------------------- sampling helpers
-def _reflect_idx(start: int, n: int, size: int) -> np.ndarray:
-    """Indices ``start .. start+n-1`` folded into ``[0, size)`` by half-sample symmetric reflection."""
-    i = np.arange(start, start + n) % (2 * size)
-    return np.where(i >= size, 2 * size - 1 - i, i)
-
-
 def _crop(arr: np.ndarray, starts: Sequence[int], sizes: Sequence[int]) -> np.ndarray:
     """A (reflect-extended) crop of ``arr`` of ``sizes`` starting at ``starts`` (any may be out of range)."""
-    idx = np.ix_(*[_reflect_idx(s, n, dim) for s, n, dim in zip(starts, sizes, arr.shape)])
+    idx = np.ix_(*[mirror_indices(s, n, dim) for s, n, dim in zip(starts, sizes, arr.shape)])
     return np.asarray(arr[idx], dtype=np.float32)
 
 
@@ -439,8 +434,12 @@ class Degradation:
         return 0
 
     def apply(self, rec: SeriesData, clean: np.ndarray, z0: int, starts: Sequence[int],
-              rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float]]:
-        """Degrade a normalised crop ``clean`` (``(y, x)`` or ``(z, y, x)``) of ``rec``; returns (input, params)."""
+              rng: np.random.Generator, zs: Sequence[int] | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """Degrade a normalised crop ``clean`` (``(y, x)`` or ``(z, y, x)``) of ``rec``; returns (input, params).
+
+        ``clean``'s planes are slices ``z0, z0 + 1, ...`` of ``rec`` or, given, ``zs``; every plane
+        gets its own noise at one drawn level.
+        """
         if self.kind == "ct_lowdose":
             if self.noise_hu_range is not None:
                 level = float(rng.uniform(*self.noise_hu_range))
@@ -452,7 +451,7 @@ class Degradation:
             planes = clean if clean.ndim == 3 else clean[None]
             outs = out if out.ndim == 3 else out[None]
             for k, plane in enumerate(planes):
-                z = int(_reflect_idx(z0 + k, 1, rec.array.shape[0])[0])
+                z = int(zs[k]) if zs is not None else int(mirror_indices(z0 + k, 1, rec.array.shape[0])[0])
                 hu = rec.physical(plane)
                 if self.noise_hu_range is None and self.ct_method == "projection":
                     # FBP of the whole slice (~1-4 s), then the crop
@@ -505,7 +504,7 @@ def augment(arrays: list[np.ndarray], rng: np.random.Generator, jitter: float) -
 
 
 class PatchDataset(torch.utils.data.Dataset):
-    """Random patches for one epoch: ``{"input": (1, *patch), "target": (1, *patch)}`` float32.
+    """Random patches for one epoch: ``{"input": (C, *patch), "target": (1, *patch)}`` float32.
 
     Args:
         series: training series (for ``paired``: the low-dose side, aligned with ``targets``).
@@ -516,14 +515,17 @@ class PatchDataset(torch.utils.data.Dataset):
         targets: paired mode only: the matched full-dose series.
         augment, jitter: flips / 90-degree rotations / intensity jitter.
         seed: with :meth:`set_epoch`, fixes every sample.
+        context: 2-D only: neighbouring slices on each side as extra input channels
+            (``C = 2 * context + 1``, mirrored at the series' ends; each slice its own noise).
 
     Series are drawn in proportion to their number of slices.
     """
 
     def __init__(self, series: list[SeriesData], patch_size: Sequence[int], length: int,
                  degradation: Degradation | None = None, targets: list[SeriesData] | None = None,
-                 augment: bool = True, jitter: float = 0.0, seed: int = 0):
+                 augment: bool = True, jitter: float = 0.0, seed: int = 0, context: int = 0):
         self.series, self.targets = series, targets
+        self.context = int(context)
         self.patch = tuple(int(p) for p in patch_size)
         self.length, self.degradation = int(length), degradation
         self.do_augment, self.jitter, self.seed = augment, float(jitter), int(seed)
@@ -549,13 +551,15 @@ class PatchDataset(torch.utils.data.Dataset):
         nz, ny, nx = rec.array.shape
         deg = self.degradation
         m = deg.margin() if deg is not None else 0
+        planes = None
         if len(self.patch) == 2:
             z0 = int(rng.integers(nz))
             ph, pw = self.patch
             y0, x0 = int(rng.integers(max(ny - ph, 0) + 1)), int(rng.integers(max(nx - pw, 0) + 1))
             starts, sizes = (y0 - m, x0 - m), (ph + 2 * m, pw + 2 * m)
-            clean = _crop(rec.array[z0], starts, sizes)
-            inner = (slice(m, m + ph), slice(m, m + pw))
+            planes, which = np.unique(mirror_indices(z0 - self.context, 2 * self.context + 1, nz), return_inverse=True)
+            clean = np.stack([_crop(rec.array[z], starts, sizes) for z in planes])
+            inner = (slice(None), slice(m, m + ph), slice(m, m + pw))
         else:
             pd_, ph, pw = self.patch
             z0 = int(rng.integers(max(nz - pd_, 0) + 1))
@@ -565,30 +569,37 @@ class PatchDataset(torch.utils.data.Dataset):
             inner = (slice(None), slice(m, m + ph), slice(m, m + pw))
         if self.targets is not None:  # paired
             tgt = self.targets[r]
-            if len(self.patch) == 2:
-                target = _crop(tgt.array[z0], starts, sizes)
+            if planes is not None:
+                target = _crop(tgt.array[z0], starts, sizes)[None]
             else:
                 target = _crop(tgt.array, (z0, *starts), (self.patch[0], *sizes))
             inp = clean
         elif deg is not None:
-            inp, _ = deg.apply(rec, clean, z0, starts, rng)
+            inp, _ = deg.apply(rec, clean, z0, starts, rng, zs=planes)
             target = clean
         else:  # self-supervised
             inp = target = clean
+        if planes is not None:  # (C, y, x) input, centre-slice target
+            inp = inp[which]
+            target = target[[int(np.searchsorted(planes, z0))]] if target.shape[0] == len(planes) else target
         inp, target = inp[inner], target[inner]
         if self.do_augment:
             inp, target = augment([inp, target], rng, self.jitter)
-        return {"input": torch.from_numpy(np.ascontiguousarray(inp))[None],
-                "target": torch.from_numpy(np.ascontiguousarray(target))[None]}
+        if planes is None:
+            inp, target = inp[None], target[None]
+        return {"input": torch.from_numpy(np.ascontiguousarray(inp)),
+                "target": torch.from_numpy(np.ascontiguousarray(target))}
 
 
 def validation_set(series: list[SeriesData], patch_size: Sequence[int], n_per_series: int, crop: int,
                    degradation: Degradation | None, targets: list[SeriesData] | None = None,
-                   seed: int = 0) -> list[dict[str, Any]]:
-    """Fixed validation items ``{"input", "target", "series"}`` (arrays ``(1, ...)``), the same every epoch.
+                   seed: int = 0, context: int = 0) -> list[dict[str, Any]]:
+    """Fixed validation items ``{"input", "target", "series"}``, the same every epoch.
 
     2-D: up to ``n_per_series`` slices evenly spaced over the middle 80 %, centre-cropped to ``crop`` (0 = whole);
-    3-D: patches of ``patch_size`` at evenly spaced depths. Degradations use fixed seeds.
+    input ``(2 * context + 1, y, x)`` (the slice and its neighbours), target ``(1, y, x)``.
+    3-D: patches of ``patch_size`` at evenly spaced depths, input and target ``(1, z, y, x)``.
+    Degradations use fixed seeds.
     """
     items = []
     for r, rec in enumerate(series):
@@ -604,30 +615,31 @@ def validation_set(series: list[SeriesData], patch_size: Sequence[int], n_per_se
         if three_d:
             cy, cx = min(ny, int(patch_size[1])), min(nx, int(patch_size[2]))
         y0, x0 = (ny - cy) // 2, (nx - cx) // 2
+        m = degradation.margin() if degradation is not None and targets is None else 0
         for k, z in enumerate(zs):
+            z = int(z)
             rng = np.random.default_rng([seed, 7919, r, k])
             if three_d:
-                clean = _crop(rec.array, (int(z), y0, x0), (depth, cy, cx))
+                planes, which, centre = None, slice(None), slice(None)
+                big = _crop(rec.array, (z, y0 - m, x0 - m), (depth, cy + 2 * m, cx + 2 * m))
             else:
-                clean = _crop(rec.array[int(z)], (y0, x0), (cy, cx))
+                planes, which = np.unique(mirror_indices(z - context, 2 * context + 1, nz), return_inverse=True)
+                centre = [int(np.searchsorted(planes, z))]
+                big = np.stack([_crop(rec.array[p], (y0 - m, x0 - m), (cy + 2 * m, cx + 2 * m)) for p in planes])
+            clean = big[..., m:m + cy, m:m + cx]
             if targets is not None:
                 tgt = targets[r]
-                target = _crop(tgt.array, (int(z), y0, x0), (depth, cy, cx)) if three_d else _crop(tgt.array[int(z)], (y0, x0), (cy, cx))
-                inp = clean
+                target = _crop(tgt.array, (z, y0, x0), (depth, cy, cx)) if three_d else _crop(tgt.array[z], (y0, x0), (cy, cx))[None]
+                inp = clean[which]
             elif degradation is not None:
-                m = degradation.margin()
-                if m:
-                    big = (_crop(rec.array, (int(z), y0 - m, x0 - m), (depth, cy + 2 * m, cx + 2 * m)) if three_d
-                           else _crop(rec.array[int(z)], (y0 - m, x0 - m), (cy + 2 * m, cx + 2 * m)))
-                    inp, _ = degradation.apply(rec, big, int(z), (y0 - m, x0 - m), rng)
-                    inp = inp[..., m:m + cy, m:m + cx]
-                else:
-                    inp, _ = degradation.apply(rec, clean, int(z), (y0, x0), rng)
-                target = clean
+                inp, _ = degradation.apply(rec, big, z, (y0 - m, x0 - m), rng, zs=planes)
+                inp, target = inp[..., m:m + cy, m:m + cx][which], clean[centre]
             else:
-                inp = target = clean
-            items.append({"input": np.ascontiguousarray(inp, dtype=np.float32)[None],
-                          "target": np.ascontiguousarray(target, dtype=np.float32)[None], "series": rec})
+                inp, target = clean[which], clean[centre]
+            if three_d:
+                inp, target = inp[None], target[None]
+            items.append({"input": np.ascontiguousarray(inp, dtype=np.float32),
+                          "target": np.ascontiguousarray(target, dtype=np.float32), "series": rec})
     return items
 
 

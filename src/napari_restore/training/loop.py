@@ -131,7 +131,7 @@ class _Run:
         np.random.seed(cfg.seed % 2**32)
 
         from ..models import load_model
-        from ..networks import DEFAULT_2D, DEFAULT_3D, build_network, network_spec
+        from ..networks import DEFAULT_2D, DEFAULT_3D, build_network, expand_context, network_spec
 
         self.ckpt = read_checkpoint(cfg.resume) if cfg.resume else None
         init_card = None
@@ -143,16 +143,25 @@ class _Run:
                 raise ModelError(f"init_model {init_card.name!r} is {init_card.dims}-D but dims={cfg.dims}", init_card.path)
             init_state = _state_cpu(loaded.network)
             arch = network_spec(loaded.network)
-            if cfg.architecture is not None and build_network("ResidualUNet", cfg.architecture).config != arch["args"]:
+            wanted = build_network("ResidualUNet", cfg.architecture).config if cfg.architecture is not None else arch["args"]
+            if cfg.context is not None:
+                wanted = {**wanted, "context": int(cfg.context)}
+            if {**wanted, "context": 0} != {**arch["args"], "context": 0} or arch["args"]["context"] not in (0, wanted["context"]):
                 raise ModelError(f"init_model {init_card.name!r} has architecture {arch['args']}, which differs from "
-                                 f"the requested {cfg.architecture}", init_card.path)
+                                 f"the requested {wanted}", init_card.path)
+            if wanted != arch["args"]:  # a single-slice model grows context slices (warm start: same function)
+                arch = {"name": "ResidualUNet", "args": build_network("ResidualUNet", wanted).config}
+                init_state = expand_context(init_state, build_network("ResidualUNet", wanted))
         else:
             args = dict(cfg.architecture) if cfg.architecture else dict(DEFAULT_2D if cfg.dims == 2 else DEFAULT_3D)
             args["spatial_dims"] = cfg.dims
+            if cfg.context is not None:
+                args["context"] = int(cfg.context)
             arch = {"name": "ResidualUNet", "args": build_network("ResidualUNet", args).config}
         self.arch = arch
         if self.ckpt is not None:
-            if self.ckpt.get("architecture") != arch:
+            saved = self.ckpt.get("architecture") or {}
+            if saved.get("name") != arch["name"] or build_network(saved["name"], saved.get("args")).config != arch["args"]:
                 raise ModelError(f"the checkpoint was trained with architecture {self.ckpt.get('architecture')}, "
                                  f"but this run builds {arch}; resume with the same architecture", self.ckpt["path"])
 
@@ -234,13 +243,15 @@ class _Run:
             prewarm_ct_maps(self.train_series, cfg.num_workers)
         per_rank = cfg.steps_per_epoch * cfg.batch_size
         self.dataset = PatchDataset(self.train_series, cfg.patch_size, per_rank * self.info.world_size,
-                                    self.degradation, self.train_targets, cfg.augment, cfg.jitter, cfg.seed)
+                                    self.degradation, self.train_targets, cfg.augment, cfg.jitter, cfg.seed,
+                                    context=arch["args"].get("context", 0))
         self.sampler = None
         if self.info.distributed:
             self.sampler = torch.utils.data.DistributedSampler(self.dataset, self.info.world_size, self.info.rank,
                                                                shuffle=False, drop_last=True)
         self.val_items = validation_set(self.val_series, cfg.patch_size, cfg.val_slices, cfg.val_crop,
-                                        self.degradation, self.val_targets, cfg.seed)
+                                        self.degradation, self.val_targets, cfg.seed,
+                                        context=arch["args"].get("context", 0))
 
         # ---- restore the run state
         self.epoch, self.step = 0, 0
@@ -295,10 +306,12 @@ class _Run:
             return {}
         ps, ss, ls = [], [], []
         for item in self.val_items:
-            p, s = _metrics(item, item["input"])
+            c = item["input"].shape[0] // 2  # 2.5-D: the centre slice; otherwise the one channel
+            inp = item["input"][c:c + 1]
+            p, s = _metrics(item, inp)
             ps.append(p)
             ss.append(s)
-            ls.append(float(self.sup_loss(torch.from_numpy(item["input"]), torch.from_numpy(item["target"]))))
+            ls.append(float(self.sup_loss(torch.from_numpy(inp), torch.from_numpy(item["target"]))))
         return {"val_loss": _mean(ls), "val_psnr": _mean(ps), "val_ssim": _mean(ss)}
 
     # ------------------------------------------------------------------ main

@@ -1,6 +1,9 @@
 """Losses: supervised (L1/MSE + MONAI SSIM) and self-supervised (Neighbor2Neighbor, Noise2Void).
 
-All work on batches ``(B, 1, H, W)`` (2-D) or ``(B, 1, D, H, W)`` (3-D) in network units.
+All work on batches ``(B, 1, H, W)`` (2-D) or ``(B, 1, D, H, W)`` (3-D) in network units; 2.5-D
+inputs are ``(B, C, H, W)``, the centre slice and its neighbours (the output stays one channel).
+Self-supervised losses with neighbours assume their noise is independent of the centre slice's
+(true for separately reconstructed slices; not for overlapping thick slices).
 
 Correlated noise (CT after filtered back-projection): neighbouring noise values are correlated,
 so a network that sees the neighbours can predict part of the noise and learns to keep it.
@@ -48,12 +51,12 @@ class SupervisedLoss(nn.Module):
 
 # ---------------------------------------------------------------------------- Neighbor2Neighbor
 def pixel_unshuffle_batch(x: torch.Tensor, s: int) -> torch.Tensor:
-    """``(B, 1, H, W)`` -> ``(B*s*s, 1, H/s, W/s)``: the ``s*s`` sub-images of every ``s``-th pixel."""
+    """``(B, C, H, W)`` -> ``(B*s*s, C, H/s, W/s)``: the ``s*s`` sub-images of every ``s``-th pixel."""
     if s == 1:
         return x
     b, c, h, w = x.shape
-    y = F.pixel_unshuffle(x, s)  # (B, s*s, H/s, W/s)
-    return y.reshape(b * s * s, c, h // s, w // s)
+    y = F.pixel_unshuffle(x, s).reshape(b, c, s * s, h // s, w // s)  # channel = c * s*s + dy * s + dx
+    return y.transpose(1, 2).reshape(b * s * s, c, h // s, w // s)
 
 
 def neighbor_subsample(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -73,9 +76,12 @@ def neighbor_subsample(x: torch.Tensor, generator: torch.Generator) -> tuple[tor
 
 
 def gather_cells(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Pick pixel ``idx`` (0..3) of every 2x2 cell of ``x`` ``(B, 1, H, W)`` -> ``(B, 1, H/2, W/2)``."""
-    cells = F.pixel_unshuffle(x, 2)  # (B, 4, H/2, W/2), channel = dy*2 + dx
-    return torch.gather(cells, 1, idx.to(x.device))
+    """Pick pixel ``idx`` ``(B, 1, H/2, W/2)`` (0..3) of every 2x2 cell of each channel of ``x``
+    ``(B, C, H, W)`` -> ``(B, C, H/2, W/2)``."""
+    b, c, h, w = x.shape
+    cells = F.pixel_unshuffle(x, 2).reshape(b, c, 4, h // 2, w // 2)  # cell index = dy*2 + dx
+    pick = idx.to(x.device)[:, None].expand(b, c, 1, h // 2, w // 2)
+    return torch.gather(cells, 2, pick)[:, :, 0]
 
 
 class Neighbor2NeighborLoss(nn.Module):
@@ -84,7 +90,9 @@ class Neighbor2NeighborLoss(nn.Module):
     Args:
         gamma: weight of the regulariser (``f(y)`` is computed without gradient).
         pd_factor: pixel-shuffle downsampling factor applied first (correlated-noise remedy).
-    Only 2-D; ``y`` ``(B, 1, H, W)``, ``H`` and ``W`` multiples of ``2 * pd_factor``.
+    Only 2-D; ``y`` ``(B, C, H, W)`` (``C > 1``: the centre slice and its neighbours, whose noise
+    is independent: every channel is sub-sampled alike, ``g2`` comes from the centre), ``H`` and
+    ``W`` multiples of ``2 * pd_factor``.
     """
 
     def __init__(self, gamma: float = 1.0, pd_factor: int = 1):
@@ -98,7 +106,8 @@ class Neighbor2NeighborLoss(nn.Module):
         h, w = y.shape[-2:]
         y = y[..., : h - h % 2, : w - w % 2]
         idx1, idx2, _ = neighbor_subsample(y, generator)
-        g1, g2 = gather_cells(y, idx1), gather_cells(y, idx2)
+        c = y.shape[1] // 2
+        g1, g2 = gather_cells(y, idx1), gather_cells(y[:, c:c + 1], idx2)
         out = net(g1)
         loss = F.mse_loss(out, g2)
         if self.gamma > 0:
@@ -121,14 +130,16 @@ def _offsets(blind_spot: int, radius: int) -> torch.Tensor:
 
 def n2v_mask(y: torch.Tensor, blind_spot: int, spacing: int, generator: torch.Generator
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noise2Void input: masked copy of ``y`` ``(B, 1, H, W)`` and the boolean map of masked centres.
+    """Noise2Void input: masked copy of ``y`` ``(B, C, H, W)`` and the boolean map ``(B, 1, H, W)`` of
+    masked centres; only the centre channel ``C // 2`` is masked (neighbouring slices' noise is independent).
 
     One centre per ``spacing x spacing`` cell (stratified, random position, kept
     ``blind_spot // 2 + 2`` pixels away from the border). Every pixel of the
     ``blind_spot x blind_spot`` box around a centre is replaced by a pixel drawn from a window of
     radius ``blind_spot // 2 + 2`` outside the box (``blind_spot=1``: classic N2V).
     """
-    b, _, h, w = y.shape
+    b, ch, h, w = y.shape
+    mid = ch // 2
     gy, gx = h // spacing, w // spacing
     oy = torch.randint(0, spacing, (b, gy, gx), generator=generator)
     ox = torch.randint(0, spacing, (b, gy, gx), generator=generator)
@@ -148,7 +159,7 @@ def n2v_mask(y: torch.Tensor, blind_spot: int, spacing: int, generator: torch.Ge
         ty, tx = cyf + ddy, cxf + ddx
         pick = offs[torch.randint(0, len(offs), (n,), generator=generator)]
         sy, sx = cyf + pick[:, 0], cxf + pick[:, 1]
-        masked[bif, 0, ty, tx] = y[bif, 0, sy, sx]
+        masked[bif, mid, ty, tx] = y[bif, mid, sy, sx]
     return masked, centres
 
 
@@ -170,7 +181,8 @@ class Noise2VoidLoss(nn.Module):
         masked, centres = n2v_mask(y.cpu(), self.blind_spot, self.spacing, generator)
         out = net(masked.to(y.device))
         c = centres.to(y.device)
-        return F.mse_loss(out[c], y[c])
+        mid = y.shape[1] // 2
+        return F.mse_loss(out[c], y[:, mid:mid + 1][c])
 
 
 __all__ = ["SupervisedLoss", "Neighbor2NeighborLoss", "Noise2VoidLoss", "n2v_mask", "neighbor_subsample",
