@@ -154,6 +154,37 @@ def test_preview_restores_only_the_slice_on_screen(make_napari_viewer, qtbot, sh
     assert "ms" in w.status_label.text()
 
 
+def test_preview_of_a_context_model_reads_the_neighbouring_slices(make_napari_viewer, qtbot, shared_data, tmp_path):
+    import torch
+
+    from _engine_helpers import TINY_ARGS
+    from napari_restore.networks import build_network
+
+    args = {**TINY_ARGS, "context": 1}
+    net = build_network("ResidualUNet", args)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    folder = save_tiny(tmp_path / "tiny-25d", net, name="tiny-25d", args=args)
+    viewer = make_napari_viewer()
+    src = _open(viewer, shared_data, CT_NIFTI)
+    w = _widget(viewer)
+    w.select_layer(src.name)
+    w.add_model_path(folder)
+    k = 7
+    viewer.dims.set_current_step(0, k)
+    w.run_preview()
+    _wait(qtbot, lambda: not w.state.running)
+    assert w.last_error == ""
+    prev = viewer.layers[f"{src.name} [preview]"]
+    vol = Volume.from_layer(src.data, src.metadata)
+    full = napari_restore.restore(vol, model=folder)
+    np.testing.assert_allclose(prev.data[0], full.array[k], atol=1e-3)
+    alone = napari_restore.restore(vol.copy_with(vol.array[k:k + 1]), model=folder)  # no neighbours
+    assert np.abs(alone.array[0] - full.array[k]).max() > 1.0
+
+
 def test_cancel_mid_run_leaves_no_layer_and_the_widget_runs_again(make_napari_viewer, qtbot, shared_data):
     viewer = make_napari_viewer()
     src = _open(viewer, shared_data, CT_NIFTI)

@@ -730,6 +730,20 @@ class RestoreWidget(QWidget):
         return find_model(self.state.task, modality if modality in ("CT", "MR") else "any",
                           3 if self.state.mode == "3d" else 2)
 
+    def _context_slices(self) -> int:
+        """Neighbouring slices per side the chosen 2-D model(s) read (2.5-D models; 0 otherwise)."""
+        if self.state.model != AUTO_MODEL:
+            cards = [self._cards.get(self.state.model)]
+        elif self.state.task == "restore":
+            from ..inference import PIPELINE
+            from ..models import find_model
+
+            modality = self._modality()
+            cards = [find_model(t, modality if modality in ("CT", "MR") else "any", 2) for t in PIPELINE]
+        else:
+            cards = [self._auto_card()]
+        return max([int(c.architecture["args"].get("context", 0)) for c in cards if c is not None], default=0)
+
     def _layer_spacing(self, layer: Any) -> tuple[float, float, float]:
         try:
             return L.layer_volume(layer, self._modality()).spacing
@@ -942,7 +956,7 @@ class RestoreWidget(QWidget):
             t = lead.get(0, 0) if layer.ndim == 4 else 0
             spatial0 = max(0, layer.ndim - 3)
             k = lead.get(spatial0 + axis, 0) if layer.ndim >= 3 else 0
-            slab = 8 if self.state.mode == "3d" else 0
+            slab = 8 if self.state.mode == "3d" else self._context_slices()
             sub, centre = L.plane_subvolume(volume, axes, axis, k, t, slab)
         except RestoreError as exc:
             self._error(exc)
