@@ -68,9 +68,9 @@ def main(argv=None) -> int:
 
     from napari_restore.models import find_model, load_model
 
-    card = load_model(args.model).card if args.model else find_model("denoise", "CT", 2)
-    dims, context = card.dims, card.architecture["args"].get("context", 0)
     vol = nr.load(SERIES)[0]
+    card = load_model(args.model).card if args.model else find_model("denoise", "CT", 2, vol.slice_distance)
+    dims, context = card.dims, card.architecture["args"].get("context", 0)
     clean = vol.array[list(SLICES)]
     spacing = vol.spacing
     rows = []

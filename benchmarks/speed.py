@@ -1,14 +1,14 @@
 """Speed benchmark: our 2-D model vs non-local means vs BM3D on real 512x512 CT slices.
 
 One run, side by side, on the same slices of a real CT series from ../shared/data:
-- ours, preloaded: ``restore()`` on a Volume already in memory (the network the package ships:
-  networks.DEFAULT_2D; speed does not depend on the weights);
+- ours, preloaded: ``restore()`` on a Volume already in memory, with the model "Auto" picks for
+  the series (or ``--model``);
 - ours, end to end: read the DICOM series -> restore -> write a derived DICOM series;
 - skimage non-local means (fast mode, patch 5, search 13) and BM3D (``pip install bm3d``, the
   optional benchmark extra) on a few slices each.
 Prints the machine, the inputs and a table; writes ``docs/speed.md`` and ``docs/speed.png``.
 
-Usage: ``python benchmarks/speed.py [--series PATH] [--bm3d-slices 2] [--nlm-slices 4]``
+Usage: ``python benchmarks/speed.py [--series PATH] [--model NAME] [--bm3d-slices 2] [--nlm-slices 4]``
 """
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ import numpy as np
 import torch
 
 import napari_restore as nr
-from napari_restore.models import save_model
-from napari_restore.networks import DEFAULT_2D, build_network
+from napari_restore.models import find_model, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SERIES = REPO.parent / "shared" / "data" / "ct" / "philips-head-phantom" / "exam" / "S2020"
@@ -46,14 +45,6 @@ def machine() -> str:
             f"GPU: {gpu}; load average at start {load:.2f}")
 
 
-def shipped_model(folder: Path) -> Path:
-    net = build_network("ResidualUNet", DEFAULT_2D)
-    card = {"name": "speed-probe", "version": "0.0.0", "task": "denoise", "modality": "CT", "dims": 2,
-            "intensity": {"kind": "ct", "center": 0.0, "scale": 512.0, "clip": [-1024.0, 3071.0]},
-            "training_data": "untrained: the shipped architecture, for timing only"}
-    return save_model(net, card, folder / "speed-probe")
-
-
 def timed(fn, repeat: int = 1):
     best, out = float("inf"), None
     for _ in range(repeat):
@@ -66,6 +57,7 @@ def timed(fn, repeat: int = 1):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--series", type=Path, default=DEFAULT_SERIES)
+    p.add_argument("--model", default=None, help="model name or folder (default: what Auto picks for the series)")
     p.add_argument("--nlm-slices", type=int, default=4)
     p.add_argument("--bm3d-slices", type=int, default=2)
     p.add_argument("--gpu", action="store_true", help="also time the model on CUDA from a preloaded tensor")
@@ -74,15 +66,17 @@ def main(argv=None) -> int:
 
     print(f"machine: {machine()}")
     tmp = Path(tempfile.mkdtemp(prefix="napari-restore-speed-"))
-    model = shipped_model(tmp)
     vol = nr.load(args.series)[0]
+    card = load_model(args.model).card if args.model else find_model("denoise", "CT", 2, vol.slice_distance)
+    model = args.model or card.name
     n = vol.array.shape[0]
-    print(f"input: {args.series.name}: {n} slices of {vol.array.shape[1]}x{vol.array.shape[2]} ({vol.modality})")
+    print(f"input: {args.series.name}: {n} slices of {vol.array.shape[1]}x{vol.array.shape[2]} ({vol.modality}); "
+          f"model: {card.name} {card.version}")
     rows: list[tuple[str, int, float]] = []
 
     nr.restore(vol.copy_with(vol.array[:4]), model=str(model), device="cpu")  # warm-up
     t, _ = timed(lambda: nr.restore(vol, model=str(model), device="cpu"), repeat=2)
-    rows.append(("ours 2D, preloaded volume (CPU)", n, t))
+    rows.append((f"ours ({card.name}), preloaded volume (CPU)", n, t))
 
     def end_to_end(device: str) -> None:
         v = nr.load(args.series)[0]
@@ -90,14 +84,13 @@ def main(argv=None) -> int:
         nr.save(r, tmp / f"e2e-{device}", format="dicom", overwrite=True)
 
     t, _ = timed(lambda: end_to_end("cpu"), repeat=2)
-    rows.append(("ours 2D, end to end: read DICOM -> restore -> write DICOM (CPU)", n, t))
+    rows.append((f"ours ({card.name}), end to end: read DICOM -> restore -> write DICOM (CPU)", n, t))
 
     if args.gpu and torch.cuda.is_available():
-        from napari_restore.models import load_model
         from napari_restore.networks import prepare_for_inference
 
         net = prepare_for_inference(load_model(str(model), device="cuda").network)  # what restore() runs
-        x = torch.randn(64, 1, 512, 512, device="cuda")
+        x = torch.randn(64, 2 * getattr(net, "context", 0) + 1, 512, 512, device="cuda")
         with torch.inference_mode():  # float32 (TF32 convolutions), as restore() runs
             net(x)
             torch.cuda.synchronize()
@@ -105,13 +98,13 @@ def main(argv=None) -> int:
             for _ in range(10):
                 net(x)
             torch.cuda.synchronize()
-        rows.append(("ours 2D, preloaded tensor (GPU, float32/TF32, batch 64)", 640, time.perf_counter() - t0))
+        rows.append((f"ours ({card.name}), preloaded tensor (GPU, float32/TF32, batch 64)", 640, time.perf_counter() - t0))
         vg = nr.load(args.series)[0]
         t, _ = timed(lambda: nr.restore(vg, model=str(model), device="cuda"), repeat=2)
-        rows.append(("ours 2D, preloaded volume (GPU)", n, t))
+        rows.append((f"ours ({card.name}), preloaded volume (GPU)", n, t))
 
         t, _ = timed(lambda: end_to_end("cuda"), repeat=2)
-        rows.append(("ours 2D, end to end: read DICOM -> restore -> write DICOM (GPU)", n, t))
+        rows.append((f"ours ({card.name}), end to end: read DICOM -> restore -> write DICOM (GPU)", n, t))
 
     from skimage.restoration import denoise_nl_means
 
@@ -140,7 +133,7 @@ def main(argv=None) -> int:
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.md").write_text(f"# Speed, 512x512 CT slices\n\nmachine: {machine()}\n\n"
-                                       f"input: {args.series.name}, {n} slices\n\n{table}\n")
+                                       f"input: {args.series.name}, {n} slices; model: {card.name} {card.version}\n\n{table}\n")
     import matplotlib
 
     matplotlib.use("Agg")

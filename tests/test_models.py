@@ -116,6 +116,15 @@ def test_find_model_prefers_exact_modality_then_version(user_dir, monkeypatch):
     assert find_model("denoise", "OT").name == "a"
     assert find_model("denoise", "CT", dims=3) is None
     assert find_model("deblur", "CT") is None
+    # a model made for thin slices (max_slice_spacing_mm): preferred where it fits, never beyond
+    save_tiny(user_dir / "thin", name="thin", version="0.0.1", max_slice_spacing_mm=3.0)
+    assert read_card(user_dir / "thin").max_slice_spacing_mm == 3.0
+    assert find_model("denoise", "CT", slice_spacing_mm=2.0).name == "thin"
+    assert find_model("denoise", "CT", slice_spacing_mm=3.0).name == "thin"
+    assert find_model("denoise", "CT", slice_spacing_mm=5.0).name == "c"
+    assert find_model("denoise", "CT").name == "c"  # spacing unknown: the general model
+    with pytest.raises(ModelError, match="max_slice_spacing_mm"):
+        ModelCard.from_dict({**tiny_card(), "max_slice_spacing_mm": -1})
 
 
 class _RunsCode:

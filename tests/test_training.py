@@ -229,12 +229,16 @@ def test_fine_tuning_grows_a_single_slice_model_into_a_context_model(shared_data
     for k in w_one:
         if k != widened[0] and "running" not in k and "num_batches" not in k:
             torch.testing.assert_close(w_grown[k], w_one[k], rtol=0, atol=1e-9)
-    # self-supervised fine-tuning of a context model runs (N2N on all slices, N2V masks the centre)
+    # self-supervised fine-tuning of a context model runs (N2N on all slices, N2V masks the centre),
+    # and the tuned model keeps the slice-spacing limit of the model it started from
+    card_path = base.model_dir / "card.json"
+    card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "max_slice_spacing_mm": 3.0}))
     for ss in ("n2n", "n2v"):
         rc = main([*common[:1], "-o", str(tmp_path / ss), *common[1:-2], "--init-model", str(base.model_dir),
                    "--mode", "self-supervised", "--self-supervised", ss, "--steps-per-epoch", "2"])
         assert rc == 0, capsys.readouterr().err
-        assert json.loads((tmp_path / ss / "card.json").read_text())["architecture"]["args"]["context"] == 1
+        tuned = json.loads((tmp_path / ss / "card.json").read_text())
+        assert tuned["architecture"]["args"]["context"] == 1 and tuned["max_slice_spacing_mm"] == 3.0
     with pytest.raises(ModelError, match="differs"):
         train(_cfg(tmp_path / "bad", [nif / "example_ct_sm.nii.gz"], val_data=[str(nif / "cta_aorta_cropped.nii.gz")],
                    init_model=str(base.model_dir), architecture=None, context=2))

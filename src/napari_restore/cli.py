@@ -141,7 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     noisy = make_ct_phantom(seed=0)
-    card = find_model("denoise", "CT", dims=2)
+    card = find_model("denoise", "CT", dims=2, slice_spacing_mm=noisy.slice_distance)  # what restore() picks
     task = "denoise" if card is not None else "enhance"
     if card is None:
         print("no trained CT denoising model is installed: the demo runs the classical 'enhance' task instead",

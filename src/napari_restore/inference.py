@@ -481,7 +481,7 @@ def _resolve_steps(task: str, model: Any, volume: Volume, mode: str, device: tor
     dims = 2 if mode == "2d" else 3
 
     def auto(t: str) -> _Step | None:
-        card = find_model(t, modality if modality in ("CT", "MR") else "any", dims)
+        card = find_model(t, modality if modality in ("CT", "MR") else "any", dims, volume.slice_distance)
         if card is not None:
             return _step_from_model(t, card, modality, mode, device, warn)
         if t == "enhance":

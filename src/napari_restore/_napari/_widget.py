@@ -728,7 +728,17 @@ class RestoreWidget(QWidget):
 
         modality = self._modality()
         return find_model(self.state.task, modality if modality in ("CT", "MR") else "any",
-                          3 if self.state.mode == "3d" else 2)
+                          3 if self.state.mode == "3d" else 2, self._slice_distance())
+
+    def _slice_distance(self) -> float | None:
+        """The input layer's slice distance in mm (what "Auto" picks a model for), if there is a layer."""
+        layer = self._input_layer()
+        if layer is None:
+            return None
+        try:
+            return L.layer_volume(layer, self._modality()).slice_distance
+        except RestoreError:
+            return float(np.asarray(layer.scale, dtype=float)[-3]) if layer.ndim >= 3 else None
 
     def _context_slices(self) -> int:
         """Neighbouring slices per side the chosen 2-D model(s) read (2.5-D models; 0 otherwise)."""
@@ -739,7 +749,8 @@ class RestoreWidget(QWidget):
             from ..models import find_model
 
             modality = self._modality()
-            cards = [find_model(t, modality if modality in ("CT", "MR") else "any", 2) for t in PIPELINE]
+            cards = [find_model(t, modality if modality in ("CT", "MR") else "any", 2, self._slice_distance())
+                     for t in PIPELINE]
         else:
             cards = [self._auto_card()]
         return max([int(c.architecture["args"].get("context", 0)) for c in cards if c is not None], default=0)

@@ -109,18 +109,26 @@ def list_models(task: str | None = None, modality: str | None = None) -> list[Mo
     return cards
 
 
-def find_model(task: str, modality: str, dims: int | None = None) -> ModelCard | None:
+def find_model(task: str, modality: str, dims: int | None = None,
+               slice_spacing_mm: float | None = None) -> ModelCard | None:
     """The best installed model for ``task`` and ``modality`` (and ``dims``), or ``None``.
 
-    Preference: exact modality over ``"any"``, then the highest version, then a user model over
-    a bundled one. A volume of unknown modality (``"OT"``) only matches ``"any"`` models.
+    ``slice_spacing_mm``: the volume's slice step. A model whose card sets ``max_slice_spacing_mm``
+    (e.g. a 2.5-D model, which averages across slices) is only picked for slices at most that far
+    apart, and never when the spacing is not given.
+    Preference: exact modality over ``"any"``, then a model made for this slice spacing over a
+    general one, then the highest version, then a user model over a bundled one. A volume of
+    unknown modality (``"OT"``) only matches ``"any"`` models.
     """
     cards = [c for c in list_models(task=task) if c.modality in (modality.upper(), "any")]
     if dims is not None:
         cards = [c for c in cards if c.dims == dims]
+    cards = [c for c in cards if c.max_slice_spacing_mm is None
+             or (slice_spacing_mm is not None and abs(slice_spacing_mm) <= c.max_slice_spacing_mm + 1e-6)]
     if not cards:
         return None
-    return max(cards, key=lambda c: (c.modality != "any", c.version_key(), c.source == "user"))
+    return max(cards, key=lambda c: (c.modality != "any", c.max_slice_spacing_mm is not None, c.version_key(),
+                                     c.source == "user"))
 
 
 @dataclass

@@ -18,6 +18,8 @@ Schema (``card.json``, format_version 1; unknown keys are kept in ``extra``)::
       "intensity": {"kind": "ct", "center": 0.0, "scale": 512.0, "clip": [-1024, 3071]},
                                           # see napari_restore.intensity
       "patch_size": [64, 128, 128],       # optional: default tile for 3-D sliding window (z, y, x)
+      "max_slice_spacing_mm": 3.0,        # optional: made for slices at most this far apart ("Auto"
+                                          # prefers it there and never picks it for thicker slices)
       "training_data": ["..."],           # str or list of str: what it was trained on (+ licences)
       "metrics": {"psnr_gain_db": 0.7},   # free-form dict of numbers measured on held-out data
       "description": "...", "license": "...", "created": "2025-01-01T00:00:00Z"   # optional
@@ -39,7 +41,7 @@ MODALITIES = ("CT", "MR", "any")
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _KNOWN = {"format_version", "name", "version", "task", "modality", "dims", "architecture", "intensity",
-          "patch_size", "training_data", "metrics", "description", "license", "created"}
+          "patch_size", "max_slice_spacing_mm", "training_data", "metrics", "description", "license", "created"}
 
 
 @dataclass
@@ -59,6 +61,7 @@ class ModelCard:
     license: str = ""
     created: str = ""
     patch_size: list[int] | None = None
+    max_slice_spacing_mm: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     path: Path | None = field(default=None, compare=False, repr=False)
@@ -111,6 +114,9 @@ class ModelCard:
         if patch is not None and (not isinstance(patch, list) or len(patch) != data["dims"]
                                   or not all(isinstance(p, int) and p > 0 for p in patch)):
             raise bad(f"patch_size must be a list of {data['dims']} positive ints, got {patch!r}")
+        spacing = data.get("max_slice_spacing_mm")
+        if spacing is not None and (isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not spacing > 0):
+            raise bad(f"max_slice_spacing_mm must be a positive number (mm), got {spacing!r}")
         metrics = data.get("metrics", {})
         if not isinstance(metrics, dict):
             raise bad("metrics must be a JSON object")
@@ -120,6 +126,7 @@ class ModelCard:
             intensity=intensity, training_data=data.get("training_data", ""), metrics=metrics,
             description=str(data.get("description", "")), license=str(data.get("license", "")),
             created=str(data.get("created", "")), patch_size=patch,
+            max_slice_spacing_mm=None if spacing is None else float(spacing),
             extra={k: v for k, v in data.items() if k not in _KNOWN},
         )
 
@@ -146,6 +153,8 @@ class ModelCard:
         }
         if self.patch_size is not None:
             out["patch_size"] = self.patch_size
+        if self.max_slice_spacing_mm is not None:
+            out["max_slice_spacing_mm"] = self.max_slice_spacing_mm
         out.update(self.extra)
         return out
 

@@ -159,6 +159,7 @@ class _Run:
                 args["context"] = int(cfg.context)
             arch = {"name": "ResidualUNet", "args": build_network("ResidualUNet", args).config}
         self.arch = arch
+        self.init_spacing_limit = init_card.max_slice_spacing_mm if init_card is not None else None
         if self.ckpt is not None:
             saved = self.ckpt.get("architecture") or {}
             if saved.get("name") != arch["name"] or build_network(saved["name"], saved.get("args")).config != arch["args"]:
@@ -496,6 +497,8 @@ class _Run:
             "name": cfg.name, "version": cfg.version, "task": cfg.task, "modality": self.modality, "dims": cfg.dims,
             "architecture": self.arch, "intensity": self.spec,
             "patch_size": list(cfg.patch_size) if cfg.dims == 3 else None,
+            # a fine-tuned context model keeps the slice spacing its init model is limited to
+            "max_slice_spacing_mm": self.init_spacing_limit if self.arch["args"].get("context", 0) else None,
             "training_data": sources, "metrics": metrics,
             "description": cfg.description or f"{cfg.task} model for {self.modality}, trained {what}.",
             "license": cfg.license, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
