@@ -124,7 +124,7 @@ def find_model(task: str, modality: str, dims: int | None = None,
     if dims is not None:
         cards = [c for c in cards if c.dims == dims]
     cards = [c for c in cards if c.max_slice_spacing_mm is None
-             or (slice_spacing_mm is not None and abs(slice_spacing_mm) <= c.max_slice_spacing_mm + 1e-6)]
+             or (slice_spacing_mm is not None and abs(slice_spacing_mm) <= c.max_slice_spacing_mm * 1.001)]  # header rounding
     if not cards:
         return None
     return max(cards, key=lambda c: (c.modality != "any", c.max_slice_spacing_mm is not None, c.version_key(),
