@@ -70,7 +70,7 @@ def main(argv=None) -> int:
 
     vol = nr.load(SERIES)[0]
     card = load_model(args.model).card if args.model else find_model("denoise", "CT", 2, vol.slice_distance)
-    dims, context = card.dims, card.architecture["args"].get("context", 0)
+    dims, context = card.dims, card.context
     clean = vol.array[list(SLICES)]
     spacing = vol.spacing
     rows = []

@@ -283,7 +283,7 @@ def evaluate(sources: Sequence[str | os.PathLike | Volume], degradation: str = "
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
         notes.append(f"model: {loaded.card.name} {loaded.card.version} ({loaded.card.task}, {loaded.card.modality}, "
                      f"{loaded.card.dims}-D)")
-        context = loaded.card.architecture["args"].get("context", 0)
+        context = loaded.card.context
         if (loaded.card.dims == 3 or context) and not whole_volume:
             whole_volume = True
             notes.append(f"{'3-D model' if loaded.card.dims == 3 else f'2-D model with {context} neighbouring slices per side'}: "

@@ -753,7 +753,7 @@ class RestoreWidget(QWidget):
                      for t in PIPELINE]
         else:
             cards = [self._auto_card()]
-        return max([int(c.architecture["args"].get("context", 0)) for c in cards if c is not None], default=0)
+        return max([c.context for c in cards if c is not None], default=0)
 
     def _layer_spacing(self, layer: Any) -> tuple[float, float, float]:
         try:

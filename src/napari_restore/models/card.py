@@ -158,6 +158,11 @@ class ModelCard:
         out.update(self.extra)
         return out
 
+    @property
+    def context(self) -> int:
+        """Neighbouring slices per side a 2-D (2.5-D) network reads; 0 for single-slice and 3-D models."""
+        return int(self.architecture.get("args", {}).get("context", 0))
+
     def version_key(self) -> tuple[int, ...]:
         """``"1.10.2"`` -> ``(1, 10, 2)``; non-numeric parts count as 0."""
         return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.\-+]", self.version))

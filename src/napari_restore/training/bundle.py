@@ -61,7 +61,7 @@ def _metadata(card) -> dict[str, Any]:
     io_desc = {"type": "image", "format": fmt, "modality": card.modality, "num_channels": 1,
                "spatial_shape": ["*"] * dims, "dtype": "float32", "value_range": value_range,
                "is_patch_data": False, "channel_def": {"0": "image"}}
-    k = int(card.architecture["args"].get("context", 0))
+    k = card.context
     in_desc = io_desc if not k else {  # 2.5-D: the slice and its neighbours, mirrored at the volume's ends
         **io_desc, "num_channels": 2 * k + 1,
         "channel_def": {str(i): f"slice z{i - k:+d}" if i != k else "slice z" for i in range(2 * k + 1)}}

@@ -159,6 +159,7 @@ class _Run:
                 args["context"] = int(cfg.context)
             arch = {"name": "ResidualUNet", "args": build_network("ResidualUNet", args).config}
         self.arch = arch
+        self.context = int(arch["args"]["context"])  # always present: built by build_network
         self.init_spacing_limit = init_card.max_slice_spacing_mm if init_card is not None else None
         if self.ckpt is not None:
             saved = self.ckpt.get("architecture") or {}
@@ -245,14 +246,14 @@ class _Run:
         per_rank = cfg.steps_per_epoch * cfg.batch_size
         self.dataset = PatchDataset(self.train_series, cfg.patch_size, per_rank * self.info.world_size,
                                     self.degradation, self.train_targets, cfg.augment, cfg.jitter, cfg.seed,
-                                    context=arch["args"].get("context", 0))
+                                    context=self.context)
         self.sampler = None
         if self.info.distributed:
             self.sampler = torch.utils.data.DistributedSampler(self.dataset, self.info.world_size, self.info.rank,
                                                                shuffle=False, drop_last=True)
         self.val_items = validation_set(self.val_series, cfg.patch_size, cfg.val_slices, cfg.val_crop,
                                         self.degradation, self.val_targets, cfg.seed,
-                                        context=arch["args"].get("context", 0))
+                                        context=self.context)
 
         # ---- restore the run state
         self.epoch, self.step = 0, 0
@@ -498,7 +499,7 @@ class _Run:
             "architecture": self.arch, "intensity": self.spec,
             "patch_size": list(cfg.patch_size) if cfg.dims == 3 else None,
             # a fine-tuned context model keeps the slice spacing its init model is limited to
-            "max_slice_spacing_mm": self.init_spacing_limit if self.arch["args"].get("context", 0) else None,
+            "max_slice_spacing_mm": self.init_spacing_limit if self.context else None,
             "training_data": sources, "metrics": metrics,
             "description": cfg.description or f"{cfg.task} model for {self.modality}, trained {what}.",
             "license": cfg.license, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
