@@ -203,6 +203,44 @@ def test_context_samples_stack_mirrored_neighbours(shared_data, cache):
     assert all(it["input"].shape == (5, 48, 48) and it["target"].shape == (1, 48, 48) for it in items)
 
 
+def test_reslice_adds_the_other_planes_of_isotropic_series(shared_data, tmp_path, cache):
+    import dataclasses
+
+    from napari_restore.training.data import resliced_views
+
+    mr = shared_data / "mr" / "nifti"
+    t1 = load_series([mr / "T1.nii.gz"], "MR", cache_dir=cache)[0]
+    thick = dataclasses.replace(t1, key="thick", affine=t1.affine @ np.diag([3.0, 1.0, 1.0, 1.0]))
+    views = resliced_views([t1, thick])
+    assert [v.key for v in views] == [f"{t1.key}#resliced-y", f"{t1.key}#resliced-x"]  # thick slices: none
+    by_y, by_x = views
+    arr = t1.array
+    assert by_y.array.shape == (arr.shape[1], arr.shape[0], arr.shape[2]) and by_y.array.flags.c_contiguous
+    np.testing.assert_array_equal(by_y.array[70], arr[:, 70, :])
+    np.testing.assert_array_equal(by_x.array[50], arr[:, :, 50])
+    k, j, i = 11, 70, 50  # one voxel, the same point in space in every view
+    point = t1.affine @ [k, j, i, 1]
+    np.testing.assert_allclose(by_y.affine @ [j, k, i, 1], point)
+    np.testing.assert_allclose(by_x.affine @ [i, k, j, 1], point)
+    assert by_y.array[j, k, i] == by_x.array[i, k, j] == arr[k, j, i]
+    sp = t1.spacing
+    assert {v.group for v in views} == {t1.group} and by_y.spacing == (sp[1], sp[0], sp[2])
+
+    res = train(_cfg(tmp_path / "mr", [mr / "T1.nii.gz"], val_data=[str(mr / "T2.nii.gz")], task="deblur",
+                     modality="MR", reslice=True, epochs=1, steps_per_epoch=2, cache_dir=str(cache)))
+    assert res.steps == 2
+    with pytest.raises(InputError, match="near-isotropic"):  # seg3d_MR: 1.0 x 0.9 x 0.9 mm
+        train(_cfg(tmp_path / "aniso", [mr / "seg3d_MR.nii.gz"], val_data=[str(mr / "T2.nii.gz")], task="deblur",
+                   modality="MR", reslice=True, cache_dir=str(cache)))
+    with pytest.raises(InputError, match="axial"):
+        ct = shared_data / "ct" / "nifti"
+        train(_cfg(tmp_path / "ct", [ct / "example_ct_sm.nii.gz"], val_data=[str(ct / "cta_aorta_cropped.nii.gz")],
+                   reslice=True, cache_dir=str(cache)))
+    with pytest.raises(InputError, match="reslice"):
+        _cfg(tmp_path / "3d", [mr / "T1.nii.gz"], dims=3, patch_size=(16, 32, 32), reslice=True).validate()
+    assert not (tmp_path / "aniso").exists() and not (tmp_path / "ct").exists()
+
+
 def test_fine_tuning_grows_a_single_slice_model_into_a_context_model(shared_data, tmp_path, capsys):
     from napari_restore.training.__main__ import main
 

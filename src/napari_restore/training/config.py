@@ -71,7 +71,10 @@ class TrainConfig:
         wall time, keeping the best checkpoint, with a cosine schedule spanning that time;
         0 = no limit), val_slices (validation
         slices/patches per volume, at most), val_crop (in-plane crop side of validation slices, 0 = whole slices), augment, jitter
-        (relative intensity jitter, applied to input and target alike), seed, device, num_workers.
+        (relative intensity jitter, applied to input and target alike), reslice (2-D: also draw
+        training slices across the other two axes of series whose voxels are near-isotropic,
+        see :func:`~napari_restore.training.data.resliced_views`; not for CT denoising, whose
+        noise is simulated in the axial plane, nor paired data), seed, device, num_workers.
     Output card: name (default: the output folder's name), version, description, license,
         overwrite; tensorboard, progress_bar; command (recorded in the card; default sys.argv).
     """
@@ -118,6 +121,7 @@ class TrainConfig:
     val_crop: int = 256
     augment: bool = True
     jitter: float = 0.05
+    reslice: bool = False
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
@@ -202,6 +206,8 @@ class TrainConfig:
         pd = self.pd_factor or 2
         if self.mode == "self-supervised" and any(p % (2 * pd) for p in self.patch_size[-2:]):
             raise bad(f"patch_size {self.patch_size} must be a multiple of 2 * pd_factor = {2 * pd} in-plane")
+        if self.reslice and (self.dims != 2 or self.mode == "paired"):
+            raise bad("reslice draws 2-D slices across the other axes of unpaired series: needs dims=2, not paired mode")
         if self.lr <= 0 or self.weight_decay < 0 or self.ssim_weight < 0 or self.jitter < 0:
             raise bad("lr must be > 0; weight_decay, ssim_weight and jitter >= 0")
         if self.name is None:
@@ -322,6 +328,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--val-crop", type=int, default=d.val_crop)
     p.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--jitter", type=float, default=d.jitter)
+    p.add_argument("--reslice", action="store_true",
+                   help="2-D: also train on slices across the other two axes of series with near-isotropic voxels "
+                        "(more views of few scans; MR and deblurring, not CT denoising)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
     p.add_argument("--num-workers", type=int, default=d.num_workers)

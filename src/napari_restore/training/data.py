@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -343,6 +344,27 @@ def split_series(series: list[SeriesData], val_fraction: float, seed: int) -> tu
 
 
 # ---------------------------------------------------------------------------- pairs
+def resliced_views(series: Sequence[SeriesData], max_anisotropy: float = 1.1) -> list[SeriesData]:
+    """The two other-axis views of every series whose voxels are near-isotropic.
+
+    A volume ``(z, y, x)`` with ``max(spacing) / min(spacing) <= max_anisotropy`` gives ``(y, z, x)``
+    and ``(x, z, y)`` copies (contiguous, affine columns permuted to match, same split group), so
+    2-D training also sees its coronal and sagittal planes: more distinct slices from few scans.
+    Series with anisotropic voxels (thick slices) give none: their other planes look different.
+    """
+    out = []
+    for s in series:
+        sp = s.spacing
+        if max(sp) > max_anisotropy * min(sp):
+            continue
+        for axis, order in (("y", (1, 0, 2)), ("x", (2, 0, 1))):
+            out.append(dataclasses.replace(
+                s, key=f"{s.key}#resliced-{axis}", array=np.ascontiguousarray(s.array.transpose(order)),
+                affine=s.affine[:, [*order, 3]], description=f"{s.description} (resliced along {axis})".strip(),
+                _ct_maps={}))
+    return out
+
+
 def _positions(s: SeriesData) -> tuple[np.ndarray, np.ndarray]:
     a = s.affine
     normal = np.cross(a[:3, 2], a[:3, 1])

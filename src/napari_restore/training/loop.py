@@ -25,8 +25,8 @@ import torch
 
 from ..errors import Cancelled, InputError, ModelError, OutputError
 from .config import TrainConfig, TrainResult
-from .data import (Degradation, PatchDataset, SeriesData, load_series, match_pairs, prewarm_ct_maps, split_series,
-                   validation_set)
+from .data import (Degradation, PatchDataset, SeriesData, load_series, match_pairs, prewarm_ct_maps, resliced_views,
+                   split_series, validation_set)
 from .distributed import DistInfo, all_mean, barrier, setup, sync_buffers, teardown, unwrap, wrap
 from .losses import Neighbor2NeighborLoss, Noise2VoidLoss, SupervisedLoss
 
@@ -195,6 +195,14 @@ class _Run:
                 self.train_series, self.val_series = split_series(series, cfg.val_fraction, cfg.seed)
             self.train_targets = self.val_targets = None
         self.modality = self.train_series[0].modality
+        if cfg.reslice:
+            if self.modality == "CT" and cfg.task == "denoise":
+                raise InputError("reslice is not for CT denoising: its noise is simulated in the axial plane")
+            views = resliced_views(self.train_series)
+            if not views:
+                raise InputError("reslice: no training series has near-isotropic voxels "
+                                 f"(spacings {sorted({tuple(round(v, 2) for v in s.spacing) for s in self.train_series})})")
+            self.train_series = self.train_series + views
         if init_card is not None and init_card.modality not in ("any", self.modality):
             raise ModelError(f"init_model {init_card.name!r} is for {init_card.modality}, the data are {self.modality}",
                              init_card.path)
