@@ -1,6 +1,7 @@
 """restore(): 2-D/3-D inference, tiling, HU safety, progress/cancel, OOM fallback, memory, tasks."""
 from __future__ import annotations
 
+import json
 import shutil
 import tracemalloc
 
@@ -245,6 +246,32 @@ def test_strength_blends_input_and_full_restoration(noisy, trained):
     assert half.meta["provenance"][-1]["strength"] == 0.5
     with pytest.raises(InputError, match="strength"):
         restore(noisy, model=trained, strength=1.5)
+
+
+def test_self_ensemble_averages_the_flipped_and_rotated_runs(ct, noisy, trained, tmp_path):
+    plain = restore(noisy, model=trained, device="cpu")
+    e8 = restore(noisy, model=trained, device="cpu", ensemble=8)
+    by_hand = []  # the network on each flipped / rotated volume, mapped back
+    for k in range(4):
+        for flip in (False, True):
+            a = np.rot90(noisy.array, k, axes=(1, 2))
+            a = np.flip(a, 2) if flip else a
+            o = restore(Volume(np.ascontiguousarray(a), noisy.affine, "CT", {}), model=trained, device="cpu").array
+            by_hand.append(np.rot90(np.flip(o, 2) if flip else o, -k, axes=(1, 2)))
+    np.testing.assert_allclose(e8.array, np.mean(by_hand, axis=0), atol=1e-2)
+    assert e8.meta["provenance"][-1]["self_ensemble"] == 8 and "self_ensemble" not in plain.meta["provenance"][-1]
+    assert _rmse(e8.array, ct.array) < _rmse(plain.array, ct.array)
+    # a card may make it the model's default; an explicit ensemble overrides the card
+    folder = tmp_path / "tiny-e2"
+    shutil.copytree(trained, folder)
+    card = json.loads((folder / "card.json").read_text())
+    (folder / "card.json").write_text(json.dumps({**card, "self_ensemble": 2}))
+    e2 = restore(noisy, model=folder, device="cpu")
+    assert e2.meta["provenance"][-1]["self_ensemble"] == 2
+    np.testing.assert_array_equal(e2.array, restore(noisy, model=trained, device="cpu", ensemble=2).array)
+    np.testing.assert_array_equal(restore(noisy, model=folder, device="cpu", ensemble=1).array, plain.array)
+    with pytest.raises(InputError, match="ensemble"):
+        restore(noisy, model=trained, ensemble=3)
 
 
 def test_4d_volume_is_restored_per_time_point(ct, noisy, trained):

@@ -193,6 +193,7 @@ def test_truncated_and_mismatched_state_dicts_are_refused(tmp_path):
     ({"task": "segment"}, "task"), ({"dims": 4}, "dims"), ({"modality": "PET"}, "modality"),
     ({"name": "../evil"}, "name"), ({"intensity": {"kind": "magic"}}, "intensity"),
     ({"format_version": 99}, "format_version"), ({"dims": 3}, "spatial_dims"),
+    ({"self_ensemble": 3}, "self_ensemble"),
 ])
 def test_invalid_cards_are_refused_naming_the_file(tmp_path, change, match):
     folder = save_tiny(tmp_path / "m")

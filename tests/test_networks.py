@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from napari_restore.errors import ModelError
-from napari_restore.networks import (DEFAULT_2D, DEFAULT_3D, ResidualUNet, build_network, expand_context,
-                                     mirror_indices, network_spec, prepare_for_inference)
+from napari_restore.networks import (DEFAULT_2D, DEFAULT_3D, ResidualUNet, SelfEnsemble, build_network,
+                                     expand_context, mirror_indices, network_spec, prepare_for_inference)
 from _engine_helpers import one_torch_thread
 
 
@@ -125,3 +125,22 @@ def test_context_network_takes_neighbours_and_grows_from_a_single_slice_one(nru)
 def test_mirror_indices_fold_half_sample_symmetric():
     assert mirror_indices(-2, 7, 4).tolist() == [1, 0, 0, 1, 2, 3, 3]
     assert mirror_indices(-1, 3, 1).tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("dims,shape", [(2, (2, 3, 40, 52)), (3, (1, 1, 6, 24, 20))])
+def test_self_ensemble_is_the_mean_over_flips_and_rotations(dims, shape):
+    args = {**(DEFAULT_2D if dims == 2 else DEFAULT_3D), "channels": [8, 16], "strides": [2]}
+    net = _randomise(build_network("ResidualUNet", {**args, **({"context": 1} if dims == 2 else {})}), seed=4).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        assert torch.equal(SelfEnsemble(net, 1)(x), net(x))
+        flip = torch.flip(net(torch.flip(x, dims=(-1,))), dims=(-1,))
+        torch.testing.assert_close(SelfEnsemble(net, 2)(x), (net(x) + flip) / 2)
+        e8 = SelfEnsemble(net, 8)
+        assert e8.context == net.context and e8.multiple == net.multiple
+        # the dihedral mean commutes with a rotation and a flip of its input; one pass does not
+        r = lambda t: torch.flip(torch.rot90(t, 1, dims=(-2, -1)), dims=(-1,))  # noqa: E731
+        torch.testing.assert_close(e8(r(x)), r(e8(x)), rtol=0, atol=1e-5)
+        assert not torch.allclose(net(r(x)), r(net(x)), atol=1e-3)
+    with pytest.raises(ModelError, match="self-ensemble"):
+        SelfEnsemble(net, 3)

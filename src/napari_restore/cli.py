@@ -92,7 +92,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     try:
         result = restore(volume, task=args.task, model=args.model, mode=args.mode, device=args.device,
                          strength=args.strength, batch_size=args.batch_size, tile=args.tile,
-                         overlap=args.overlap, progress=progress)
+                         overlap=args.overlap, ensemble=args.ensemble, progress=progress)
     finally:
         close()
     kwargs = {}
@@ -240,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=None, help="slices or windows per pass (default: adapts to memory)")
     r.add_argument("--tile", type=int, default=None, help="tile edge in voxels (default: whole slices in 2d)")
     r.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
+    r.add_argument("--ensemble", type=int, choices=(1, 2, 4, 8), default=None,
+                   help="average the network over 1, 2, 4 or 8 in-plane flips/rotations of each slice (that many "
+                        "times the time; default: the model card's choice, 1 unless it says otherwise)")
     r.add_argument("--format", choices=("dicom", "nifti", "mha", "nrrd"), default=None,
                    help="force the output format (default: from OUTPUT's suffix; no suffix = DICOM folder)")
     r.add_argument("--series-description", default=None, help="SeriesDescription of an exported DICOM series")

@@ -451,8 +451,8 @@ def _classical_enhance(modality: str, mode: str, volume: Volume) -> _Step:
 
 
 def _step_from_model(task: str, model: Any, modality: str, mode: str, device: torch.device,
-                     warn: list[str]) -> _Step:
-    from .networks import prepare_for_inference
+                     warn: list[str], ensemble: int | None = None) -> _Step:
+    from .networks import SelfEnsemble, prepare_for_inference
 
     if isinstance(model, LoadedModel):
         loaded = model
@@ -471,19 +471,21 @@ def _step_from_model(task: str, model: Any, modality: str, mode: str, device: to
         raise ModelError(f"model {card.name!r} is for {card.modality}, the volume is {modality}", where)
     if card.modality != "any" and modality not in ("CT", "MR"):
         warn.append(f"the volume's modality is {modality!r}; model {card.name!r} assumes {card.modality} intensities")
-    return _Step(task, card.name, card.version, prepare_for_inference(loaded.network).cpu(), card.intensity, card.dims,
-                 card.patch_size, True)
+    n = card.self_ensemble if ensemble is None else int(ensemble)
+    net = prepare_for_inference(loaded.network).cpu()
+    return _Step(task, card.name, card.version, SelfEnsemble(net, n) if n > 1 else net, card.intensity, card.dims,
+                 card.patch_size, True, info={"self_ensemble": n} if n > 1 else {})
 
 
 def _resolve_steps(task: str, model: Any, volume: Volume, mode: str, device: torch.device,
-                   warn: list[str]) -> tuple[list[_Step], list[str]]:
+                   warn: list[str], ensemble: int | None = None) -> tuple[list[_Step], list[str]]:
     modality = volume.modality
     dims = 2 if mode == "2d" else 3
 
     def auto(t: str) -> _Step | None:
         card = find_model(t, modality if modality in ("CT", "MR") else "any", dims, volume.slice_distance)
         if card is not None:
-            return _step_from_model(t, card, modality, mode, device, warn)
+            return _step_from_model(t, card, modality, mode, device, warn, ensemble)
         if t == "enhance":
             return _classical_enhance(modality, mode, volume)
         return None
@@ -494,17 +496,18 @@ def _resolve_steps(task: str, model: Any, volume: Volume, mode: str, device: tor
             if step is None:
                 raise ModelError(_no_model_message(task, modality, mode))
             return [step], []
-        return [_step_from_model(task, model, modality, mode, device, warn)], []
+        return [_step_from_model(task, model, modality, mode, device, warn, ensemble)], []
     # the pipeline: one all-in-one "restore" model, or denoise -> deblur -> enhance
     if model is not None and not isinstance(model, dict):
-        return [_step_from_model("restore", model, modality, mode, device, warn)], []
+        return [_step_from_model("restore", model, modality, mode, device, warn, ensemble)], []
     chosen = dict(model or {})
     unknown = set(chosen) - set(PIPELINE)
     if unknown:
         raise InputError(f"model dict keys must be among {PIPELINE}, got {sorted(unknown)}")
     steps, skipped = [], []
     for t in PIPELINE:
-        step = _step_from_model(t, chosen[t], modality, mode, device, warn) if chosen.get(t) is not None else auto(t)
+        step = (_step_from_model(t, chosen[t], modality, mode, device, warn, ensemble) if chosen.get(t) is not None
+                else auto(t))
         if step is None:
             skipped.append(t)
             warn.append(f"restore: step {t!r} skipped, no trained {t} model is installed for {modality} ({mode})")
@@ -520,7 +523,7 @@ def restore(volume: Volume, task: str = "denoise", model: Any = None, mode: str 
             device: str | torch.device = "auto", progress: ProgressFn | None = None,
             cancel: CancelFn | None = None, strength: float = 1.0, batch_size: int | None = None,
             tile: int | Sequence[int] | None = None, overlap: float = 0.25,
-            stitch_device: str | None = None) -> Volume:
+            stitch_device: str | None = None, ensemble: int | None = None) -> Volume:
     """Restore ``volume`` with a model; returns a new Volume (same geometry) with provenance.
 
     Args:
@@ -542,6 +545,9 @@ def restore(volume: Volume, task: str = "denoise", model: Any = None, mode: str 
         overlap: window overlap fraction for tiling (Gaussian blending).
         stitch_device: where 3-D windows are stitched; ``None`` = the compute device when it has
             room for 4x the volume, else the CPU.
+        ensemble: geometric self-ensemble of the learned steps: the mean over 1, 2, 4 or 8 in-plane
+            flips/rotations of the input (that many times the time); ``None`` = each model card's
+            ``self_ensemble`` (1 unless the card says otherwise).
 
     Raises:
         InputError: bad arguments. ModelError: no usable model. Cancelled: ``cancel()`` said so.
@@ -564,10 +570,14 @@ def restore(volume: Volume, task: str = "denoise", model: Any = None, mode: str 
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
     if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    from .networks import ENSEMBLE_SIZES
+
+    if ensemble is not None and (isinstance(ensemble, bool) or ensemble not in ENSEMBLE_SIZES):
+        raise InputError(f"ensemble must be one of {ENSEMBLE_SIZES} or None (the model card's), got {ensemble!r}")
     tile_t = _as_tile(tile, 2 if mode == "2d" else 3)
     dev = resolve_device(device)
     warn: list[str] = []
-    steps, skipped = _resolve_steps(task, model, volume, mode, dev, warn)
+    steps, skipped = _resolve_steps(task, model, volume, mode, dev, warn, ensemble)
 
     arr = volume.array
     frames = arr if arr.ndim == 4 else arr[None]
@@ -630,7 +640,7 @@ def restore(volume: Volume, task: str = "denoise", model: Any = None, mode: str 
     else:
         rec = records[0]
         prov.update({k: rec[k] for k in ("model", "model_version", "learned", "intensity", "batch_size")})
-        prov.update({k: rec[k] for k in ("fallback", "note") if k in rec})
+        prov.update({k: rec[k] for k in ("fallback", "note", "self_ensemble") if k in rec})
     if warn:
         prov["warnings"] = list(warn)
         for w in warn:

@@ -219,5 +219,45 @@ def prepare_for_inference(net: nn.Module) -> nn.Module:
     return net
 
 
+ENSEMBLE_SIZES = (1, 2, 4, 8)
+
+
+class SelfEnsemble(nn.Module):
+    """Geometric self-ensemble: the mean of ``net`` over ``n`` in-plane flips and rotations.
+
+    ``n``: 1 (``net`` alone), 2 (identity and a left-right flip), 4 (the four 90-degree
+    rotations) or 8 (those and their flips: the dihedral group of the square). Each output is
+    mapped back before averaging; the cost is ``n`` forward passes. Input and output as ``net``
+    (``(B, C, *spatial)``, the last two axes in-plane); ``context``, ``multiple``, ``config`` and
+    ``spatial_dims`` are the wrapped network's.
+    """
+
+    def __init__(self, net: nn.Module, n: int):
+        super().__init__()
+        if n not in ENSEMBLE_SIZES:
+            raise ModelError(f"self-ensemble size must be one of {ENSEMBLE_SIZES}, got {n!r}")
+        self.net, self.n = net, int(n)
+        for name in ("context", "multiple", "config", "spatial_dims"):
+            if hasattr(net, name):
+                setattr(self, name, getattr(net, name))
+
+    def _transforms(self) -> list[tuple[int, bool]]:
+        if self.n == 2:
+            return [(0, False), (0, True)]
+        return [(k, flip) for flip in (False, True) for k in range(4)][: self.n]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = None
+        for k, flip in self._transforms():
+            t = torch.rot90(x, k, dims=(-2, -1))
+            t = torch.flip(t, dims=(-1,)) if flip else t
+            y = self.net(t)
+            y = torch.flip(y, dims=(-1,)) if flip else y
+            y = torch.rot90(y, -k, dims=(-2, -1))
+            acc = y if acc is None else acc + y
+        return acc / self.n
+
+
 __all__ = ["ResidualUNet", "ARCHITECTURES", "DEFAULT_2D", "DEFAULT_3D", "build_network",
-           "network_spec", "prepare_for_inference", "zero_last_layer", "expand_context", "mirror_indices"]
+           "network_spec", "prepare_for_inference", "zero_last_layer", "expand_context", "mirror_indices",
+           "SelfEnsemble", "ENSEMBLE_SIZES"]

@@ -20,6 +20,8 @@ Schema (``card.json``, format_version 1; unknown keys are kept in ``extra``)::
       "patch_size": [64, 128, 128],       # optional: default tile for 3-D sliding window (z, y, x)
       "max_slice_spacing_mm": 3.0,        # optional: made for slices at most this far apart ("Auto"
                                           # prefers it there and never picks it for thicker slices)
+      "self_ensemble": 8,                 # optional (default 1): run the network on 1, 2, 4 or 8 in-plane
+                                          # flips/rotations of each input and average (n times the time)
       "training_data": ["..."],           # str or list of str: what it was trained on (+ licences)
       "metrics": {"psnr_gain_db": 0.7},   # free-form dict of numbers measured on held-out data
       "description": "...", "license": "...", "created": "2025-01-01T00:00:00Z"   # optional
@@ -41,7 +43,7 @@ MODALITIES = ("CT", "MR", "any")
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _KNOWN = {"format_version", "name", "version", "task", "modality", "dims", "architecture", "intensity",
-          "patch_size", "max_slice_spacing_mm", "training_data", "metrics", "description", "license", "created"}
+          "patch_size", "max_slice_spacing_mm", "self_ensemble", "training_data", "metrics", "description", "license", "created"}
 
 
 @dataclass
@@ -62,6 +64,7 @@ class ModelCard:
     created: str = ""
     patch_size: list[int] | None = None
     max_slice_spacing_mm: float | None = None
+    self_ensemble: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     path: Path | None = field(default=None, compare=False, repr=False)
@@ -117,6 +120,9 @@ class ModelCard:
         spacing = data.get("max_slice_spacing_mm")
         if spacing is not None and (isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not spacing > 0):
             raise bad(f"max_slice_spacing_mm must be a positive number (mm), got {spacing!r}")
+        ensemble = data.get("self_ensemble", 1)
+        if isinstance(ensemble, bool) or ensemble not in (1, 2, 4, 8):
+            raise bad(f"self_ensemble must be 1, 2, 4 or 8, got {ensemble!r}")
         metrics = data.get("metrics", {})
         if not isinstance(metrics, dict):
             raise bad("metrics must be a JSON object")
@@ -126,7 +132,7 @@ class ModelCard:
             intensity=intensity, training_data=data.get("training_data", ""), metrics=metrics,
             description=str(data.get("description", "")), license=str(data.get("license", "")),
             created=str(data.get("created", "")), patch_size=patch,
-            max_slice_spacing_mm=None if spacing is None else float(spacing),
+            max_slice_spacing_mm=None if spacing is None else float(spacing), self_ensemble=int(ensemble),
             extra={k: v for k, v in data.items() if k not in _KNOWN},
         )
 
@@ -155,6 +161,8 @@ class ModelCard:
             out["patch_size"] = self.patch_size
         if self.max_slice_spacing_mm is not None:
             out["max_slice_spacing_mm"] = self.max_slice_spacing_mm
+        if self.self_ensemble != 1:
+            out["self_ensemble"] = self.self_ensemble
         out.update(self.extra)
         return out
 
