@@ -62,6 +62,11 @@ def test_existing_output_is_refused_without_overwrite(shared_data, tiny_model, t
     assert out.read_bytes() == b"keep me"
     assert main(["restore", str(src), str(out), "--model", str(tiny_model), "--overwrite"]) == EXIT_OK
     assert nib.load(out).shape == (122, 101, 30)
+    e2 = tmp_path / "e2.nii.gz"  # --ensemble: the network averaged over a flip, as restore(ensemble=2)
+    assert main(["restore", str(src), str(e2), "--model", str(tiny_model), "--ensemble", "2"]) == EXIT_OK
+    expected = nr.restore(nr.load(src)[0], model=tiny_model, ensemble=2).array
+    np.testing.assert_allclose(nr.load(e2)[0].array, expected, atol=0.01)
+    assert not np.allclose(nr.load(e2)[0].array, nr.load(out)[0].array, atol=0.01)
 
 
 def test_errors_are_one_clear_line(tmp_path, capsys):

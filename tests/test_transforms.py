@@ -72,6 +72,10 @@ def test_array_transforms_keep_the_input_type(shared_data, trained):
     two = np.concatenate([chw, chw[:, ::-1]], axis=0)  # two channels, restored independently
     out2 = Denoise(model=trained, modality="CT", device="cpu")(two)
     np.testing.assert_allclose(out2[0], np_out[0], atol=1e-4)
+    e2 = Denoise(model=trained, modality="CT", device="cpu", ensemble=2)(chw)  # the same as restore(ensemble=2)
+    by_api = napari_restore.restore(vol, model=trained, device="cpu", ensemble=2).array
+    np.testing.assert_allclose(e2[0], by_api.T, atol=1e-4)
+    assert not np.allclose(e2, np_out, atol=1e-2)
     enh = EnhanceEdges(modality="CT", device="cpu")(chw)
     assert enh.shape == chw.shape and not np.allclose(enh, chw)
     with pytest.raises(ModelError, match="no trained 'deblur' model"):

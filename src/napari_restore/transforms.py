@@ -83,9 +83,10 @@ class _RestoreTransform(Transform):
 
     def __init__(self, model: Any = None, modality: str | None = None, mode: str = "2d",
                  device: str = "auto", strength: float = 1.0, batch_size: int | None = None,
-                 tile: int | Sequence[int] | None = None, overlap: float = 0.25) -> None:
+                 tile: int | Sequence[int] | None = None, overlap: float = 0.25, ensemble: int | None = None) -> None:
         self.model, self.modality, self.mode, self.device = model, modality, mode, device
         self.strength, self.batch_size, self.tile, self.overlap = strength, batch_size, tile, overlap
+        self.ensemble = ensemble
 
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
         """``img``: ``(C, I, J, K)`` or ``(C, H, W)``, physical units; returns the same type/shape."""
@@ -97,7 +98,7 @@ class _RestoreTransform(Transform):
             vol = volume_from_image(img, c, self.modality)
             res = restore(vol, task=self.task, model=self.model, mode=self.mode, device=self.device,
                           strength=self.strength, batch_size=self.batch_size, tile=self.tile,
-                          overlap=self.overlap)
+                          overlap=self.overlap, ensemble=self.ensemble)
             r = res.array[0] if arr.ndim == 3 else res.array
             out[c] = r.T
         return convert_to_dst_type(out, img, dtype=torch.float32 if torch.is_tensor(img) else np.float32)[0]
@@ -139,10 +140,11 @@ class _RestoreTransformd(MapTransform):
     def __init__(self, keys: KeysCollection, model: Any = None, modality: str | None = None,
                  mode: str = "2d", device: str = "auto", strength: float = 1.0,
                  batch_size: int | None = None, tile: int | Sequence[int] | None = None,
-                 overlap: float = 0.25, allow_missing_keys: bool = False) -> None:
+                 overlap: float = 0.25, ensemble: int | None = None, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         self.transform = self.array_cls(model=model, modality=modality, mode=mode, device=device,
-                                        strength=strength, batch_size=batch_size, tile=tile, overlap=overlap)
+                                        strength=strength, batch_size=batch_size, tile=tile, overlap=overlap,
+                                        ensemble=ensemble)
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)

@@ -4,7 +4,7 @@ A model is a folder ``<name>/`` holding ``card.json`` (see :mod:`napari_restore.
 the schema) and ``model.pt`` (a plain ``state_dict``), or a pair of files ``<stem>.json`` +
 ``<stem>.pt`` side by side. Models are looked up in
 
-1. the bundled folder ``napari_restore/models/`` (no trained weights ship yet), and
+1. the bundled folder ``napari_restore/models/`` (the trained models that ship with the package), and
 2. the user folder: ``$NAPARI_RESTORE_MODELS`` (several folders separated by ``os.pathsep``),
    default ``~/.napari-restore/models``.
 
@@ -12,8 +12,8 @@ Card JSON schema (full description in :mod:`napari_restore.models.card`): ``name
 ``task`` (denoise | deblur | enhance | restore), ``modality`` (CT | MR | any), ``dims`` (2 | 3),
 ``architecture`` ``{"name": "ResidualUNet", "args": {...}}``, ``intensity`` (the mapping of
 :mod:`napari_restore.intensity`, e.g. ``{"kind": "ct", "center": 0, "scale": 512,
-"clip": [-1024, 3071]}``), optional ``patch_size``, ``training_data``, ``metrics``,
-``description``, ``license``, ``created``, ``format_version`` (1).
+"clip": [-1024, 3071]}``), optional ``patch_size``, ``max_slice_spacing_mm``, ``self_ensemble``,
+``training_data``, ``metrics``, ``description``, ``license``, ``created``, ``format_version`` (1).
 
 Loading is safe: weights are read with ``torch.load(..., weights_only=True)`` (no pickle code
 runs), only whitelisted architectures are built, and the state dict must match exactly.
