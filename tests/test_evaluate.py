@@ -101,3 +101,12 @@ def test_whole_volume_gives_the_model_every_degraded_slice(shared_data, tmp_path
     assert any("3-D model: every slice is degraded" in n for n in res.notes)
     assert rows["model"]["psnr"] == pytest.approx(rows["input"]["psnr"], abs=1e-3)
     assert rows["model"]["slices"] == rows["input"]["slices"] == 3
+
+
+def test_ensemble_reaches_the_model_and_the_notes(shared_data):
+    src = shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"
+    kw = dict(degradation="ct_lowdose", params={"dose": 0.25, "method": "image"}, methods=["model"],
+              model="denoise-ct", slices=2, crop=64)
+    one, two = evaluate([src], **kw), evaluate([src], ensemble=2, **kw)
+    assert any("self-ensemble of 2" in n for n in two.notes) and not any("self-ensemble" in n for n in one.notes)
+    assert two.rows[0]["psnr"] != pytest.approx(one.rows[0]["psnr"], abs=1e-3)

@@ -227,7 +227,8 @@ def evaluate(sources: Sequence[str | os.PathLike | Volume], degradation: str = "
              params: dict[str, Any] | None = None, methods: Sequence[str] = ("input", "nlm", "bm3d", "model"),
              model: Any = None, slices: int = 4, crop: int | None = None, seed: int = 0,
              ct_window: tuple[float, float] = (400.0, 50.0), device: str = "cpu",
-             progress: Callable[[int, int], Any] | None = None, whole_volume: bool = False) -> EvalResult:
+             progress: Callable[[int, int], Any] | None = None, whole_volume: bool = False,
+             ensemble: int | None = None) -> EvalResult:
     """Degrade clean volumes, restore them with each method, score against the clean reference.
 
     Args:
@@ -251,6 +252,8 @@ def evaluate(sources: Sequence[str | os.PathLike | Volume], degradation: str = "
         whole_volume: degrade every slice (not only the scored ones) and give the model the whole
             degraded volume; forced for 3-D models, which need the neighbouring slices. The noise
             realisation differs from a run without it: compare 2-D and 3-D models with it on.
+        ensemble: the model's geometric self-ensemble (see :func:`napari_restore.restore`);
+            ``None`` = its card's.
 
     Raises:
         InputError: unknown degradation/method, missing model, unreadable volume.
@@ -281,8 +284,9 @@ def evaluate(sources: Sequence[str | os.PathLike | Volume], degradation: str = "
         from .models import LoadedModel, load_model
 
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
+        n_ens = loaded.card.self_ensemble if ensemble is None else int(ensemble)
         notes.append(f"model: {loaded.card.name} {loaded.card.version} ({loaded.card.task}, {loaded.card.modality}, "
-                     f"{loaded.card.dims}-D)")
+                     f"{loaded.card.dims}-D)" + (f", self-ensemble of {n_ens} flips/rotations" if n_ens > 1 else ""))
         context = loaded.card.context
         if (loaded.card.dims == 3 or context) and not whole_volume:
             whole_volume = True
@@ -348,11 +352,13 @@ def evaluate(sources: Sequence[str | os.PathLike | Volume], degradation: str = "
                 mode = "2d" if loaded.card.dims == 2 else "3d"
                 if whole_deg is not None:  # the whole degraded volume in, the scored slices out
                     sub = Volume(whole_deg, vol.affine, modality, {"description": vname})
-                    out = restore(sub, task=loaded.card.task, model=loaded, mode=mode, device=device).array
+                    out = restore(sub, task=loaded.card.task, model=loaded, mode=mode, device=device,
+                                  ensemble=ensemble).array
                     out, n_run = out[zs][:, box[0], box[1]], len(whole_deg)
                 else:
                     sub = Volume(d_eval, vol.affine, modality, {"description": vname})
-                    out = restore(sub, task=loaded.card.task, model=loaded, mode=mode, device=device).array
+                    out = restore(sub, task=loaded.card.task, model=loaded, mode=mode, device=device,
+                                  ensemble=ensemble).array
             elif m == "nlm":
                 grid = [f * max(sigma, 1e-6) for f in _NLM_FACTORS]
                 scores = [(_score(to_unit, c_tune, _nlm(d_tune, sigma, h))[0], h) for h in grid]
@@ -432,6 +438,8 @@ def add_evaluate_arguments(ap) -> None:
     ap.add_argument("--crop", type=int, default=256, help="in-plane centre crop (0 = whole slices)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--ensemble", type=int, choices=(1, 2, 4, 8), default=None,
+                    help="the model's self-ensemble of in-plane flips/rotations (default: its card's)")
     ap.add_argument("--whole-volume", action="store_true",
                     help="degrade every slice and restore the whole volume (always on for 3-D models)")
     ap.add_argument("--out", default="outputs/evaluate", help="folder for evaluation.md, evaluation.json, panel.png")
@@ -447,7 +455,8 @@ def run_from_args(args) -> EvalResult:
     print(f"machine: {machine_description()}")
     print(f"inputs: {args.data}; {args.degradation} {params}; {args.slices} slices/volume, crop {args.crop}")
     res = evaluate(args.data, args.degradation, params, methods=methods, model=args.model, slices=args.slices,
-                   crop=args.crop or None, seed=args.seed, device=args.device, whole_volume=args.whole_volume)
+                   crop=args.crop or None, seed=args.seed, device=args.device, whole_volume=args.whole_volume,
+                   ensemble=args.ensemble)
     print(res.to_markdown())
     out = res.save(args.out, overwrite=True)
     print(f"wrote {out}/evaluation.md, evaluation.json, panel.png")
