@@ -115,12 +115,15 @@ def test_deblur_mr_sharpens_unseen_blurred_mr(shared_data):
                       noise_sd=0.01 * rng)
     n = len(clean)
     inner = slice(int(0.1 * n), int(0.9 * n))  # the middle 80 % (the ends are mostly air)
-    mean_gain = {}
+    gains = {}
     for model, name in ((None, "deblur-mr-25d"), ("deblur-mr", "deblur-mr")):
         out = nr.restore(vol.copy_with(blurred.astype(np.float32)), task="deblur", model=model, device="cpu")
-        assert out.meta["provenance"][-1]["model"] == name
-        gains = [psnr(c, o, rng) - psnr(c, b, rng) for c, o, b in zip(clean[inner], out.array[inner], blurred[inner])]
-        assert min(gains) > 0.0  # no slice gets worse than its degraded input
-        assert np.mean(gains) > 3.0  # measured ~5 dB
-        mean_gain[name] = float(np.mean(gains))
-    assert mean_gain["deblur-mr-25d"] > mean_gain["deblur-mr"] + 0.2, mean_gain  # measured +0.48 dB
+        prov = out.meta["provenance"][-1]
+        assert prov["model"] == name and prov.get("self_ensemble") == (8 if name == "deblur-mr-25d" else None)
+        gains[name] = np.array([psnr(c, o, rng) - psnr(c, b, rng)
+                                for c, o, b in zip(clean[inner], out.array[inner], blurred[inner])])
+        assert gains[name].min() > 0.0  # no slice gets worse than its degraded input
+        assert gains[name].mean() > 3.0  # measured 5.3 and 6.7 dB
+    # the 2.5-D model (its card: a self-ensemble of 8 flips/rotations) is better on every slice: worst +0.60 dB
+    better = gains["deblur-mr-25d"] - gains["deblur-mr"]
+    assert better.min() > 0.2 and better.mean() > 1.0, better  # measured mean +1.46 dB
