@@ -127,7 +127,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     if not models:
         print("models: none installed")
     for c in models:
-        print(f"model: {c.name} {c.version}  task={c.task} modality={c.modality} {c.dims}D  [{c.source}]")
+        extra = "".join([f" context={c.context}" if c.context else "",
+                         f" slices<={c.max_slice_spacing_mm:g}mm" if c.max_slice_spacing_mm else "",
+                         f" self-ensemble={c.self_ensemble}" if c.self_ensemble > 1 else ""])
+        print(f"model: {c.name} {c.version}  task={c.task} modality={c.modality} {c.dims}D{extra}  [{c.source}]")
     return EXIT_OK
 
 
