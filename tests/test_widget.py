@@ -152,6 +152,13 @@ def test_preview_restores_only_the_slice_on_screen(make_napari_viewer, qtbot, sh
     np.testing.assert_allclose(prev.data[0], full.array[k], atol=1e-3)
     assert times[1] < 1.5, f"preview took {times[1]:.2f} s"
     assert "ms" in w.status_label.text()
+    w.ensemble_combo.setCurrentIndex(w.ensemble_combo.findData(2))  # Advanced > Passes: flip-averaged
+    assert w.state.ensemble == 2
+    w.run_preview()
+    _wait(qtbot, lambda: not w.state.running)
+    two = napari_restore.restore(Volume.from_layer(src.data, src.metadata), model=TINY, ensemble=2)
+    np.testing.assert_allclose(viewer.layers[f"{src.name} [preview]"].data[0], two.array[k], atol=1e-3)
+    assert not np.allclose(two.array[k], full.array[k], atol=1e-2)
 
 
 def test_preview_of_a_context_model_reads_the_neighbouring_slices(make_napari_viewer, qtbot, shared_data, tmp_path):
@@ -317,12 +324,14 @@ def test_settings_are_remembered_in_the_redirected_config_dir(make_napari_viewer
     w.task_combo.setCurrentIndex(w.task_combo.findData("enhance"))
     w.strength_slider.setValue(65)
     w.tile_spin.setValue(256)
+    w.ensemble_combo.setCurrentIndex(w.ensemble_combo.findData(8))
     path = settings_path()
     assert path.parent == tmp_path / "config" and path.is_file()
     saved = json.loads(path.read_text())["restore"]
     assert saved["task"] == "enhance" and saved["strength"] == pytest.approx(0.65) and saved["tile"] == 256
     w2 = _widget(viewer)
     assert w2.state.task == "enhance" and w2.strength_slider.value() == 65 and w2.tile_spin.value() == 256
+    assert saved["ensemble"] == 8 and w2.ensemble_combo.currentData() == 8
     path.write_text("{not json")
     fresh = RestoreState()
     load_settings({"restore": fresh})  # a corrupt file leaves the defaults

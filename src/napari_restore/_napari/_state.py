@@ -36,6 +36,7 @@ class RestoreState:
     ``model``: ``""`` (the best installed model for task/modality/mode), an installed model's
     name, or a model folder / file path. ``device``: ``"auto"``, ``"cpu"``, ``"cuda:0"``, ...
     ``batch_size``/``tile``: 0 = automatic / whole slices. ``overlap``: tile overlap 0..0.9.
+    ``ensemble``: passes averaged over in-plane flips/rotations (1, 2, 4, 8); 0 = the model card's.
     """
 
     layer: str | None = None
@@ -47,6 +48,7 @@ class RestoreState:
     batch_size: int = 0
     tile: int = 0
     overlap: float = 0.25
+    ensemble: int = 0
     extra_models: list[str] = field(default_factory=list)
     running: bool = False
     done: int = 0
@@ -94,7 +96,7 @@ class TrainState:
 
 #: The fields written to the settings file, per state object.
 PERSISTED = {
-    "restore": ("task", "model", "device", "strength", "batch_size", "tile", "overlap", "extra_models"),
+    "restore": ("task", "model", "device", "strength", "batch_size", "tile", "overlap", "ensemble", "extra_models"),
     "export": ("deidentify", "last_folder"),
     "train": ("mode", "task", "epochs", "steps_per_epoch", "folder", "name"),
 }

@@ -246,9 +246,17 @@ class RestoreWidget(QWidget):
         self.tile_spin.valueChanged.connect(lambda v: setattr(self.state, "tile", int(v)))
         self.overlap_spin = QDoubleSpinBox(minimum=0.0, maximum=0.9, singleStep=0.05, decimals=2)
         self.overlap_spin.valueChanged.connect(lambda v: setattr(self.state, "overlap", float(v)))
+        self.ensemble_combo = QComboBox()
+        for text, n in (("Model's default", 0), ("1 (fastest)", 1), ("2", 2), ("4", 4), ("8 (cleanest)", 8)):
+            self.ensemble_combo.addItem(text, n)
+        self.ensemble_combo.setToolTip("Run the network on flipped and rotated copies of each slice and average "
+                                       "them: a cleaner result for that many times the time.")
+        self.ensemble_combo.currentIndexChanged.connect(
+            lambda _i: setattr(self.state, "ensemble", int(self.ensemble_combo.currentData())))
         af.addRow("Batch size", self.batch_spin)
         af.addRow("Tile size", self.tile_spin)
         af.addRow("Tile overlap", self.overlap_spin)
+        af.addRow("Passes", self.ensemble_combo)
         self.advanced = _Section("Advanced", adv)
         lay.addWidget(self.advanced)
 
@@ -464,6 +472,7 @@ class RestoreWidget(QWidget):
             self.batch_spin.setValue(s.batch_size)
             self.tile_spin.setValue(s.tile)
             self.overlap_spin.setValue(s.overlap)
+            self.ensemble_combo.setCurrentIndex(max(0, self.ensemble_combo.findData(s.ensemble)))
             self.deid_check.setChecked(self.export_state.deidentify and self._deidentify_supported())
             self.deid_check.setEnabled(self._deidentify_supported())
             t = self.train_state
@@ -828,7 +837,7 @@ class RestoreWidget(QWidget):
         s = self.state
         return {"task": s.task, "model": self._model_arg(), "mode": s.mode, "device": s.device,
                 "strength": float(s.strength), "batch_size": s.batch_size or None,
-                "tile": s.tile or None, "overlap": float(s.overlap)}
+                "tile": s.tile or None, "overlap": float(s.overlap), "ensemble": s.ensemble or None}
 
     def _begin(self, what: str) -> None:
         self.state.running = True
