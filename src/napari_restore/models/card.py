@@ -102,7 +102,7 @@ class ModelCard:
         if (not isinstance(arch, dict) or not isinstance(arch.get("name"), str)
                 or not isinstance(arch.get("args", {}), dict)):
             raise bad('architecture must be {"name": str, "args": {...}}')
-        from ..networks import ARCHITECTURES
+        from ..networks import ARCHITECTURES, ENSEMBLE_SIZES
 
         if arch["name"] not in ARCHITECTURES:
             raise bad(f"unknown architecture {arch['name']!r}; only {sorted(ARCHITECTURES)} can be loaded")
@@ -121,8 +121,8 @@ class ModelCard:
         if spacing is not None and (isinstance(spacing, bool) or not isinstance(spacing, (int, float)) or not spacing > 0):
             raise bad(f"max_slice_spacing_mm must be a positive number (mm), got {spacing!r}")
         ensemble = data.get("self_ensemble", 1)
-        if isinstance(ensemble, bool) or ensemble not in (1, 2, 4, 8):
-            raise bad(f"self_ensemble must be 1, 2, 4 or 8, got {ensemble!r}")
+        if isinstance(ensemble, bool) or ensemble not in ENSEMBLE_SIZES:
+            raise bad(f"self_ensemble must be one of {ENSEMBLE_SIZES}, got {ensemble!r}")
         metrics = data.get("metrics", {})
         if not isinstance(metrics, dict):
             raise bad("metrics must be a JSON object")
