@@ -28,7 +28,7 @@ from napari_restore.errors import InputError
 from napari_restore.io.dicom_read import discover_series
 
 from _batch_helpers import SMALL_TREE_SERIES, leftovers, small_tree
-from _engine_helpers import one_torch_thread, save_tiny
+from _engine_helpers import one_torch_thread, save_tiny, trained_tiny_network
 
 REPO = Path(__file__).resolve().parents[1]
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -292,3 +292,25 @@ def test_shards_cover_every_series_exactly_once(tree, tmp_path, model):
         parse_shard("2/2")
     with pytest.raises(InputError):
         parse_shard("one of two")
+
+
+# ----------------------------------------------------------------------------- options
+def test_ensemble_reaches_every_series_and_bad_options_fail_before_the_walk(shared_data, tmp_path, model):
+    trained = save_tiny(tmp_path / "tiny-trained", trained_tiny_network(shared_data), name="tiny-trained", modality="any")
+    tree = tmp_path / "tree"
+    (tree / "ct").mkdir(parents=True)
+    (tree / "ct" / "example_ct_sm.nii.gz").symlink_to(shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz")
+    out = tmp_path / "out"
+    code = main(["batch", str(tree), str(out), "--model", str(trained), "--ensemble", "2", "--no-progress",
+                 "--pool", "thread"])
+    assert code == 0
+    src = nr.load(tree / "ct" / "example_ct_sm.nii.gz")[0]
+    two = nr.restore(src, model=str(trained), device="cpu", ensemble=2)
+    one = nr.restore(src, model=str(trained), device="cpu", ensemble=1)
+    np.testing.assert_array_equal(nr.load(out / "ct" / "example_ct_sm.nii.gz")[0].array, two.array)
+    assert np.abs(two.array - one.array).max() > 1.0  # the option changed the result (HU)
+
+    for bad in ({"ensemble": 3}, {"strength": 1.5}, {"overlap": 1.0}, {"batch_size": 0}):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            run_batch(tree, tmp_path / "bad", model=model, device="cpu", progress=False, out=io.StringIO(), **bad)
+        assert not (tmp_path / "bad").exists()

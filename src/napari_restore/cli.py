@@ -179,7 +179,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
                        shard=args.shard, readers=args.readers, writers=args.writers, prefetch=args.prefetch,
                        pool=args.pool,
                        max_voxels=args.max_voxels, strength=args.strength, batch_size=args.batch_size,
-                       tile=args.tile, progress=False if args.no_progress else "auto")
+                       tile=args.tile, ensemble=args.ensemble, progress=False if args.no_progress else "auto")
     return result.exit_code
 
 
@@ -335,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--strength", type=float, default=1.0, help="as for restore")
     b.add_argument("--batch-size", type=int, default=None, help="as for restore")
     b.add_argument("--tile", type=int, default=None, help="as for restore")
+    b.add_argument("--ensemble", type=int, choices=(1, 2, 4, 8), default=None,
+                   help="as for restore (default: each model card's choice)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar (one line per series is still printed)")
     b.set_defaults(func=cmd_batch)
     return p

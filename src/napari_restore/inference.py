@@ -519,6 +519,35 @@ def _resolve_steps(task: str, model: Any, volume: Volume, mode: str, device: tor
 
 
 # ---------------------------------------------------------------------------- public
+def check_options(task: str, mode: str, strength: Any, overlap: float, batch_size: int | None,
+                  ensemble: int | None) -> tuple[str, str, float]:
+    """Validate :func:`restore`'s options; returns ``(task, mode, strength)`` normalised.
+
+    Raises:
+        InputError: an unknown task or mode, or a value out of range.
+    """
+    if task not in TASKS:
+        raise InputError(f"unknown task {task!r}; use one of {TASKS}")
+    mode = str(mode).lower()
+    if mode not in ("2d", "3d"):
+        raise InputError(f"mode must be '2d' or '3d', got {mode!r}")
+    try:
+        strength = float(strength)
+    except (TypeError, ValueError):
+        raise InputError(f"strength must be a number in [0, 1], got {strength!r}") from None
+    if not 0.0 <= strength <= 1.0:
+        raise InputError(f"strength must be in [0, 1], got {strength}")
+    if not 0.0 <= float(overlap) < 1.0:
+        raise InputError(f"overlap must be in [0, 1), got {overlap}")
+    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    from .networks import ENSEMBLE_SIZES
+
+    if ensemble is not None and (isinstance(ensemble, bool) or ensemble not in ENSEMBLE_SIZES):
+        raise InputError(f"ensemble must be one of {ENSEMBLE_SIZES} or None (the model card's), got {ensemble!r}")
+    return task, mode, strength
+
+
 def restore(volume: Volume, task: str = "denoise", model: Any = None, mode: str = "2d",
             device: str | torch.device = "auto", progress: ProgressFn | None = None,
             cancel: CancelFn | None = None, strength: float = 1.0, batch_size: int | None = None,
@@ -555,25 +584,7 @@ def restore(volume: Volume, task: str = "denoise", model: Any = None, mode: str 
     t0 = time.perf_counter()
     if not isinstance(volume, Volume):
         raise InputError(f"restore() needs a napari_restore.Volume, got {type(volume).__name__}")
-    if task not in TASKS:
-        raise InputError(f"unknown task {task!r}; use one of {TASKS}")
-    mode = str(mode).lower()
-    if mode not in ("2d", "3d"):
-        raise InputError(f"mode must be '2d' or '3d', got {mode!r}")
-    try:
-        strength = float(strength)
-    except (TypeError, ValueError):
-        raise InputError(f"strength must be a number in [0, 1], got {strength!r}") from None
-    if not 0.0 <= strength <= 1.0:
-        raise InputError(f"strength must be in [0, 1], got {strength}")
-    if not 0.0 <= float(overlap) < 1.0:
-        raise InputError(f"overlap must be in [0, 1), got {overlap}")
-    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    from .networks import ENSEMBLE_SIZES
-
-    if ensemble is not None and (isinstance(ensemble, bool) or ensemble not in ENSEMBLE_SIZES):
-        raise InputError(f"ensemble must be one of {ENSEMBLE_SIZES} or None (the model card's), got {ensemble!r}")
+    task, mode, strength = check_options(task, mode, strength, overlap, batch_size, ensemble)
     tile_t = _as_tile(tile, 2 if mode == "2d" else 3)
     dev = resolve_device(device)
     warn: list[str] = []

@@ -166,14 +166,15 @@ def run_batch(input_root: str | os.PathLike, output_root: str | os.PathLike, *, 
               shard: str | tuple[int, int] | None = None, readers: int = 2, writers: int = 2, prefetch: int = 1,
               pool: str = "process", walk_workers: int | None = None, max_voxels: int | None = None, strength: float = 1.0,
               batch_size: int | None = None, tile: int | Sequence[int] | None = None, overlap: float = 0.25,
-              progress: bool | str = "auto", out=None, stop: threading.Event | None = None) -> BatchResult:
+              ensemble: int | None = None, progress: bool | str = "auto", out=None, stop: threading.Event | None = None) -> BatchResult:
     """Restore every image series under ``input_root`` into ``output_root``.
 
     Args:
         input_root: a tree of studies: DICOM folders (any depth, with or without DICOMDIR), NIfTI,
             MHA/NRRD files.
         output_root: where results go, mirroring the input tree, plus ``manifest.csv``.
-        task, model, mode, device, strength, batch_size, tile, overlap: as :func:`napari_restore.restore`;
+        task, model, mode, device, strength, batch_size, tile, overlap, ensemble: as
+            :func:`napari_restore.restore`;
             ``model`` is loaded once (``None``: the best installed model per modality).
         format: ``"auto"`` (DICOM series for DICOM input, NIfTI for NIfTI/MHA input), ``"dicom"`` or
             ``"nifti"`` (``.nii.gz``).
@@ -202,6 +203,9 @@ def run_batch(input_root: str | os.PathLike, output_root: str | os.PathLike, *, 
             installed for any series. OutputError: the output root is not writable.
     """
     t_start = time.perf_counter()
+    from ..inference import check_options
+
+    check_options(task, mode, strength, overlap, batch_size, ensemble)  # once here, not once per series
     src, dst = Path(input_root), Path(output_root)
     fmt = str(format or "auto").lower()
     if fmt not in FORMATS:
@@ -221,8 +225,8 @@ def run_batch(input_root: str | os.PathLike, output_root: str | os.PathLike, *, 
                     deidentify=deidentify, deidentify_key=deidentify_key, deidentify_dates=deidentify_dates,
                     accept_burned_in=accept_burned_in, retry_failed=retry_failed, dry_run=dry_run, readers=readers,
                     writers=writers, prefetch=prefetch, pool=pool, walk_workers=walk_workers, max_voxels=max_voxels,
-                    strength=strength, batch_size=batch_size, tile=tile, overlap=overlap, progress=progress,
-                    stop=stop)
+                    strength=strength, batch_size=batch_size, tile=tile, overlap=overlap, ensemble=ensemble,
+                    progress=progress, stop=stop)
     finally:
         teardown(started_group)
 
@@ -241,7 +245,7 @@ def _run(src: Path, dst: Path, sh: Shard, prefix: str, printer, t_start: float, 
          mode: str, device: str, deidentify: bool, deidentify_key: str | None, deidentify_dates: str,
          accept_burned_in: bool, retry_failed: bool, dry_run: bool, readers: int, writers: int, prefetch: int,
          pool: str, walk_workers: int | None, max_voxels: int | None, strength: float, batch_size: int | None, tile: Any,
-         overlap: float, progress: bool | str, stop: threading.Event | None) -> BatchResult:
+         overlap: float, ensemble: int | None, progress: bool | str, stop: threading.Event | None) -> BatchResult:
     from ..inference import TASKS, restore
 
     if task not in TASKS:
@@ -354,7 +358,8 @@ def _run(src: Path, dst: Path, sh: Shard, prefix: str, printer, t_start: float, 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             res = restore(vol, task=task, model=models.for_modality(vol.modality), mode=mode, device=dev,
-                          cancel=stop.is_set, strength=strength, batch_size=batch_size, tile=tile, overlap=overlap)
+                          cancel=stop.is_set, strength=strength, batch_size=batch_size, tile=tile, overlap=overlap,
+                          ensemble=ensemble)
         step = (res.meta.get("provenance") or [{}])[-1]
         return res, {"model": step.get("model", ""), "model_version": step.get("model_version", "")}
 
