@@ -15,7 +15,7 @@ from napari_restore.networks import build_network
 from napari_restore.training.bundle import export_bundle, is_bundle, load_bundle
 
 
-def _model(tmp_path):
+def _model(tmp_path, **card_extra):
     torch.manual_seed(1)
     net = build_network("ResidualUNet", {"spatial_dims": 2, "channels": [8, 16, 32], "strides": [2, 2]})
     with torch.no_grad():  # non-trivial weights: perturb everything, incl. the zero-initialised last layer
@@ -28,7 +28,7 @@ def _model(tmp_path):
     card = {"name": "bundle-test", "version": "0.2.0", "task": "denoise", "modality": "CT", "dims": 2,
             "intensity": {"kind": "ct", "center": 0.0, "scale": 512.0, "clip": [-1024.0, 3071.0]},
             "training_data": ["ct/nifti/example_ct_sm.nii.gz (TotalSegmentator, Apache-2.0)"],
-            "metrics": {"val_psnr": 40.0}, "license": "Apache-2.0"}
+            "metrics": {"val_psnr": 40.0}, "license": "Apache-2.0", **card_extra}
     return save_model(net, card, tmp_path / "model")
 
 
@@ -97,3 +97,29 @@ def test_bundle_refuses_unsafe_or_foreign_bundles(tmp_path):
     (odd / "configs" / "napari_restore_card.json").write_text(json.dumps(card))
     with pytest.raises(ModelError, match="architecture"):
         load_bundle(odd)
+
+
+def test_bundle_of_a_self_ensemble_model_gives_monai_users_the_same_ensemble(tmp_path):
+    from monai.bundle import ConfigParser
+
+    from napari_restore.networks import SelfEnsemble
+
+    folder = _model(tmp_path, self_ensemble=2)
+    bundle = export_bundle(folder, tmp_path / "bundle")
+    assert "network_ensemble" in (bundle / "docs" / "README.md").read_text()
+    parser = ConfigParser()
+    parser.read_config(bundle / "configs" / "inference.json")
+    parser["bundle_root"] = str(bundle)
+    parser["device"] = "$torch.device('cpu')"
+    assert parser["self_ensemble"] == 2
+    net = parser.get_parsed_content("network")
+    net.load_state_dict(torch.load(parser.get_parsed_content("ckpt_path"), weights_only=True))
+    ens = parser.get_parsed_content("network_ensemble").eval()
+    x = torch.randn(1, 1, 32, 48, generator=torch.Generator().manual_seed(0))
+    ours = SelfEnsemble(load_model(folder).network, 2).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(ens(x).numpy(), ours(x).numpy(), atol=1e-6)
+        assert not torch.allclose(ens(x), net.eval()(x), atol=1e-4)  # two passes, not one
+    # a one-pass card adds nothing
+    plain = export_bundle(_model(tmp_path / "one"), tmp_path / "plain")
+    assert "network_ensemble" not in json.loads((plain / "configs" / "inference.json").read_text())

@@ -89,7 +89,7 @@ def _metadata(card) -> dict[str, Any]:
 
 
 def _inference_config(card) -> dict[str, Any]:
-    return {
+    cfg = {
         "imports": ["$import napari_restore"],
         "bundle_root": ".",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
@@ -99,11 +99,18 @@ def _inference_config(card) -> dict[str, Any]:
         "intensity": card.intensity,
         "note": "napari-restore reads metadata.json and napari_restore_card.json only; this file is for MONAI tools.",
     }
+    if card.self_ensemble > 1:  # the card's default: run the loaded network through the same self-ensemble
+        cfg["self_ensemble"] = card.self_ensemble
+        cfg["network_ensemble"] = f"$napari_restore.networks.SelfEnsemble(@network, {card.self_ensemble})"
+    return cfg
 
 
 def _readme(card) -> str:
     m = "\n".join(f"| {k} | {v} |" for k, v in card.metrics.items() if not isinstance(v, (dict, list)))
     data = card.training_data if isinstance(card.training_data, str) else "\n".join(f"- {d}" for d in card.training_data)
+    ens = ("" if card.self_ensemble <= 1 else
+           f"\nThe model is meant to run as a self-ensemble of {card.self_ensemble} in-plane flips/rotations: after loading the "
+           "weights into `network`, use `network_ensemble` (napari-restore does this by default).")
     return f"""# {card.name} {card.version}
 
 {card.description}
@@ -115,7 +122,7 @@ def _readme(card) -> str:
 ## Use
 With napari-restore: `napari-restore restore IN OUT --model <this folder>` or
 `napari_restore.restore(volume, task="{card.task}", model="<this folder>")`.
-With MONAI: build `configs/inference.json`'s `network_def` and load `models/model.pt` (a plain state_dict).
+With MONAI: build `configs/inference.json`'s `network_def` and load `models/model.pt` (a plain state_dict).{ens}
 
 ## Validation figures
 | metric | value |
