@@ -310,7 +310,7 @@ def test_ensemble_reaches_every_series_and_bad_options_fail_before_the_walk(shar
     np.testing.assert_array_equal(nr.load(out / "ct" / "example_ct_sm.nii.gz")[0].array, two.array)
     assert np.abs(two.array - one.array).max() > 1.0  # the option changed the result (HU)
 
-    for bad in ({"ensemble": 3}, {"strength": 1.5}, {"overlap": 1.0}, {"batch_size": 0}):
+    for bad in ({"ensemble": 3}, {"strength": 1.5}, {"overlap": 1.0}, {"batch_size": 0}, {"task": "sharpen"}):
         with pytest.raises(InputError, match=next(iter(bad))):
             run_batch(tree, tmp_path / "bad", model=model, device="cpu", progress=False, out=io.StringIO(), **bad)
         assert not (tmp_path / "bad").exists()

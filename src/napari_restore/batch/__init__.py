@@ -246,10 +246,8 @@ def _run(src: Path, dst: Path, sh: Shard, prefix: str, printer, t_start: float, 
          accept_burned_in: bool, retry_failed: bool, dry_run: bool, readers: int, writers: int, prefetch: int,
          pool: str, walk_workers: int | None, max_voxels: int | None, strength: float, batch_size: int | None, tile: Any,
          overlap: float, ensemble: int | None, progress: bool | str, stop: threading.Event | None) -> BatchResult:
-    from ..inference import TASKS, restore
+    from ..inference import restore
 
-    if task not in TASKS:
-        raise InputError(f"unknown task {task!r}; use one of {TASKS}")
     exclude = dst if dst.resolve().is_relative_to(src.resolve()) else None
     walked: WalkResult = walk_tree(src, workers=walk_workers, exclude=exclude)
     items = walked.items
