@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import Cancelled, InputError, RestoreError
+from .models.card import ENSEMBLE_SIZES
 from .volume import Volume
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
@@ -243,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=None, help="slices or windows per pass (default: adapts to memory)")
     r.add_argument("--tile", type=int, default=None, help="tile edge in voxels (default: whole slices in 2d)")
     r.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
-    r.add_argument("--ensemble", type=int, choices=(1, 2, 4, 8), default=None,
+    r.add_argument("--ensemble", type=int, choices=ENSEMBLE_SIZES, default=None,
                    help="average the network over 1, 2, 4 or 8 in-plane flips/rotations of each slice (that many "
                         "times the time; default: the model card's choice, 1 unless it says otherwise)")
     r.add_argument("--format", choices=("dicom", "nifti", "mha", "nrrd"), default=None,
@@ -335,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--strength", type=float, default=1.0, help="as for restore")
     b.add_argument("--batch-size", type=int, default=None, help="as for restore")
     b.add_argument("--tile", type=int, default=None, help="as for restore")
-    b.add_argument("--ensemble", type=int, choices=(1, 2, 4, 8), default=None,
+    b.add_argument("--ensemble", type=int, choices=ENSEMBLE_SIZES, default=None,
                    help="as for restore (default: each model card's choice)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar (one line per series is still printed)")
     b.set_defaults(func=cmd_batch)

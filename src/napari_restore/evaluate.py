@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import InputError, OutputError
+from .models.card import ENSEMBLE_SIZES
 from .volume import Volume
 
 METHODS = ("input", "model", "nlm", "bm3d", "rl")
@@ -438,7 +439,7 @@ def add_evaluate_arguments(ap) -> None:
     ap.add_argument("--crop", type=int, default=256, help="in-plane centre crop (0 = whole slices)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--ensemble", type=int, choices=(1, 2, 4, 8), default=None,
+    ap.add_argument("--ensemble", type=int, choices=ENSEMBLE_SIZES, default=None,
                     help="the model's self-ensemble of in-plane flips/rotations (default: its card's)")
     ap.add_argument("--whole-volume", action="store_true",
                     help="degrade every slice and restore the whole volume (always on for 3-D models)")

@@ -38,7 +38,7 @@ from .errors import Cancelled, InputError, ModelError, RestoreError
 from .intensity import Normalizer, default_spec
 from . import models as _models
 from .models import LoadedModel, ModelCard, find_model, load_model, user_model_dirs
-from .networks import mirror_indices
+from .networks import ENSEMBLE_SIZES, mirror_indices
 from .volume import Volume
 
 TASKS = ("denoise", "deblur", "enhance", "restore")
@@ -541,8 +541,6 @@ def check_options(task: str, mode: str, strength: Any, overlap: float, batch_siz
         raise InputError(f"overlap must be in [0, 1), got {overlap}")
     if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    from .networks import ENSEMBLE_SIZES
-
     if ensemble is not None and (isinstance(ensemble, bool) or ensemble not in ENSEMBLE_SIZES):
         raise InputError(f"ensemble must be one of {ENSEMBLE_SIZES} or None (the model card's), got {ensemble!r}")
     return task, mode, strength

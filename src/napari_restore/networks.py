@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelError
+from .models.card import ENSEMBLE_SIZES
 
 #: Default arguments of the 2-D residual U-Net (channels 16-128, three stride-2 levels).
 DEFAULT_2D: dict[str, Any] = {
@@ -218,8 +219,6 @@ def prepare_for_inference(net: nn.Module) -> nn.Module:
         net = net.to(memory_format=torch.channels_last)
     return net
 
-
-ENSEMBLE_SIZES = (1, 2, 4, 8)
 
 
 class SelfEnsemble(nn.Module):

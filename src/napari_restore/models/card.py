@@ -40,6 +40,7 @@ from ..intensity import validate_spec
 
 TASKS = ("denoise", "deblur", "enhance", "restore")
 MODALITIES = ("CT", "MR", "any")
+ENSEMBLE_SIZES = (1, 2, 4, 8)  # self_ensemble: in-plane flips/rotations averaged (networks.SelfEnsemble)
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _KNOWN = {"format_version", "name", "version", "task", "modality", "dims", "architecture", "intensity",
@@ -102,7 +103,7 @@ class ModelCard:
         if (not isinstance(arch, dict) or not isinstance(arch.get("name"), str)
                 or not isinstance(arch.get("args", {}), dict)):
             raise bad('architecture must be {"name": str, "args": {...}}')
-        from ..networks import ARCHITECTURES, ENSEMBLE_SIZES
+        from ..networks import ARCHITECTURES
 
         if arch["name"] not in ARCHITECTURES:
             raise bad(f"unknown architecture {arch['name']!r}; only {sorted(ARCHITECTURES)} can be loaded")
