@@ -54,7 +54,12 @@ class TrainConfig:
         ct_noise_hu (``(low, high)`` HU: instead of a dose, draw the added noise's median SD in the
         body from this range, keeping the low-dose model's texture and spatial variation; for
         training scans whose simulated dose noise is unrealistically low: small heads, phantoms,
-        crops of a body, thick resampled slices).
+        crops of a body, thick resampled slices). ct_filters (FBP filters of the image-domain
+        noise; with several, two are drawn per sample and blended, an apodisation between them),
+        ct_pixel_range (``(low, high)`` mm: resample each CT patch to an in-plane pixel size drawn
+        from this range before the noise is added; ``None`` = native), log_draw (draw the dose or
+        noise level log-uniformly, as many mild samples as strong ones), clean_fraction (share of
+        samples given undegraded: the network learns to leave a clean image alone).
     Self-supervised:
         self_supervised: ``n2n`` (Neighbor2Neighbor, default) or ``n2v`` (Noise2Void);
         n2n_gamma: weight of the N2N regulariser; pd_factor: pixel-shuffle downsampling factor
@@ -101,6 +106,10 @@ class TrainConfig:
     blur_noise: float = 0.0
     ct_noise_method: str = "image"
     ct_noise_hu: tuple[float, float] | None = None
+    ct_filters: tuple[str, ...] = ("cosine",)
+    ct_pixel_range: tuple[float, float] | None = None
+    log_draw: bool = False
+    clean_fraction: float = 0.0
     self_supervised: str = "n2n"
     n2n_gamma: float = 1.0
     pd_factor: int | None = None
@@ -191,6 +200,17 @@ class TrainConfig:
             lo, hi = (float(v) for v in self.ct_noise_hu)
             if not 0.0 < lo <= hi:
                 raise bad(f"ct_noise_hu must be 0 < low <= high (HU), got {self.ct_noise_hu}")
+        from ..degrade import _FILTERS
+
+        self.ct_filters = tuple(str(f) for f in ([self.ct_filters] if isinstance(self.ct_filters, str) else self.ct_filters))
+        if not self.ct_filters or any(f not in _FILTERS for f in self.ct_filters):
+            raise bad(f"ct_filters must be among {_FILTERS}, got {self.ct_filters}")
+        if self.ct_pixel_range is not None:
+            lo, hi = (float(v) for v in self.ct_pixel_range)
+            if not 0.0 < lo <= hi:
+                raise bad(f"ct_pixel_range must be 0 < low <= high (mm), got {self.ct_pixel_range}")
+        if not 0.0 <= self.clean_fraction < 1.0:
+            raise bad(f"clean_fraction must be in [0, 1), got {self.clean_fraction}")
         lo, hi = (float(v) for v in self.rician_range)
         if not 0.0 <= lo <= hi:
             raise bad(f"rician_range must be 0 <= low <= high, got {self.rician_range}")
@@ -306,6 +326,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--ct-noise-method", choices=("image", "projection"), default=d.ct_noise_method)
     p.add_argument("--ct-noise-hu", type=_floats2, default=None,
                    help="CT: draw the added noise's median SD in the body (HU) from LOW,HIGH instead of a dose")
+    p.add_argument("--ct-filters", type=lambda t: tuple(v for v in t.replace(" ", ",").split(",") if v),
+                   default=d.ct_filters,
+                   help="CT: FBP filters of the simulated noise, e.g. ramp,shepp-logan,cosine,hamming,hann "
+                        "(several: two drawn and blended per sample)")
+    p.add_argument("--ct-pixel-range", type=_floats2, default=None,
+                   help="CT: resample patches to an in-plane pixel size (mm) drawn from LOW,HIGH")
+    p.add_argument("--log-draw", action="store_true", help="draw the dose / noise level log-uniformly")
+    p.add_argument("--clean-fraction", type=float, default=d.clean_fraction,
+                   help="share of training samples left undegraded (learn to leave clean input alone)")
     p.add_argument("--self-supervised", choices=SELF_SUPERVISED, default=d.self_supervised)
     p.add_argument("--n2n-gamma", type=float, default=d.n2n_gamma)
     p.add_argument("--pd-factor", type=int, default=d.pd_factor)

@@ -171,11 +171,26 @@ def ct_noise_variance_maps(hu: np.ndarray, dx: float) -> tuple[np.ndarray, np.nd
     return vp.astype(np.float32), ve.astype(np.float32)
 
 
-def ct_shaped_noise(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """Unit-variance stationary noise with the NPS of FBP noise (degrade's image method)."""
-    from ..degrade import shaped_unit_noise
+def ct_shaped_noise(shape: tuple[int, int], rng: np.random.Generator,
+                    filters: Sequence[str] = (_CT_FILTER,)) -> tuple[np.ndarray, float]:
+    """Unit-variance stationary noise with the NPS of FBP noise (degrade's image method).
 
-    return shaped_unit_noise(shape, _CT_FILTER, rng).astype(np.float32)
+    With several ``filters``, two are drawn and their noise fields blended with a random weight
+    ``w`` (``sqrt(w) n1 + sqrt(1 - w) n2``: NPS ``w NPS1 + (1 - w) NPS2``, an apodisation between
+    the two kernels). Returns the noise and the ratio of the blend's pixel variance to the
+    default filter's at the same dose (sharper kernels carry more noise).
+    """
+    from ..degrade import _unit_fbp_noise, shaped_unit_noise
+
+    if len(filters) == 1:
+        f = filters[0]
+        k = _unit_fbp_noise(f)[2] / _unit_fbp_noise(_CT_FILTER)[2]
+        return shaped_unit_noise(shape, f, rng).astype(np.float32), float(k)
+    f1, f2 = (str(v) for v in rng.choice(list(filters), 2))
+    w = float(rng.uniform())
+    n = math.sqrt(w) * shaped_unit_noise(shape, f1, rng) + math.sqrt(1.0 - w) * shaped_unit_noise(shape, f2, rng)
+    k = (w * _unit_fbp_noise(f1)[2] + (1.0 - w) * _unit_fbp_noise(f2)[2]) / _unit_fbp_noise(_CT_FILTER)[2]
+    return n.astype(np.float32), float(k)
 
 
 # ---------------------------------------------------------------------------- discovery + cache
@@ -428,6 +443,16 @@ def match_pairs(low: list[SeriesData], full: list[SeriesData]) -> list[tuple[Ser
 
 
 # ---------------------------------------------------------------------------- sampling helpers
+def _resize(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Linear resampling of the last two axes of ``arr`` to ``shape`` (a no-op at the same size)."""
+    shape = tuple(int(v) for v in shape)
+    if tuple(arr.shape[-2:]) == shape:
+        return arr
+    f = (1.0,) * (arr.ndim - 2) + (shape[0] / arr.shape[-2], shape[1] / arr.shape[-1])
+    out = ndi.zoom(arr, f, order=1, mode="nearest", grid_mode=True)
+    return np.asarray(out[..., : shape[0], : shape[1]], dtype=np.float32)
+
+
 def _crop(arr: np.ndarray, starts: Sequence[int], sizes: Sequence[int]) -> np.ndarray:
     """A (reflect-extended) crop of ``arr`` of ``sizes`` starting at ``starts`` (any may be out of range)."""
     idx = np.ix_(*[mirror_indices(s, n, dim) for s, n, dim in zip(starts, sizes, arr.shape)])
@@ -445,6 +470,22 @@ class Degradation:
     blur_noise: float = 0.0
     ct_method: str = "image"
     noise_hu_range: tuple[float, float] | None = None  # CT: median body noise SD (HU) instead of a dose
+    ct_filters: tuple[str, ...] = (_CT_FILTER,)  # CT: FBP filters drawn (two blended) per sample
+    ct_pixel_range: tuple[float, float] | None = None  # CT: in-plane pixel size (mm) resampled to
+    log_draw: bool = False  # draw the dose / noise level log-uniformly (as many mild as strong)
+    clean_fraction: float = 0.0  # share of samples left undegraded (do no harm on clean input)
+
+    def _level(self, lo: float, hi: float, rng: np.random.Generator) -> float:
+        if self.log_draw and lo > 0:
+            return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        return float(rng.uniform(lo, hi))
+
+    def zoom_factor(self, rec: "SeriesData", rng: np.random.Generator) -> float:
+        """Output pixels per source pixel for one sample (1 = native; within 0.4-2.5)."""
+        if self.kind != "ct_lowdose" or self.ct_pixel_range is None:
+            return 1.0
+        target = float(rng.uniform(*self.ct_pixel_range))
+        return float(np.clip(rec.spacing[2] / target, 0.4, 2.5))
 
     def uses_ct_maps(self) -> bool:
         """Whether :meth:`apply` reads the per-slice CT noise maps (:meth:`SeriesData.ct_maps`)."""
@@ -456,19 +497,26 @@ class Degradation:
         return 0
 
     def apply(self, rec: SeriesData, clean: np.ndarray, z0: int, starts: Sequence[int],
-              rng: np.random.Generator, zs: Sequence[int] | None = None) -> tuple[np.ndarray, dict[str, float]]:
+              rng: np.random.Generator, zs: Sequence[int] | None = None,
+              src_shape: Sequence[int] | None = None) -> tuple[np.ndarray, dict[str, float]]:
         """Degrade a normalised crop ``clean`` (``(y, x)`` or ``(z, y, x)``) of ``rec``; returns (input, params).
 
         ``clean``'s planes are slices ``z0, z0 + 1, ...`` of ``rec`` or, given, ``zs``; every plane
-        gets its own noise at one drawn level.
+        gets its own noise at one drawn level. ``src_shape``: the in-plane size of the source crop
+        when ``clean`` was resampled from it (CT pixel-size draws); the noise maps follow it.
         """
+        if self.clean_fraction > 0 and rng.uniform() < self.clean_fraction:
+            return clean.copy(), {"clean": 1.0}
         if self.kind == "ct_lowdose":
             if self.noise_hu_range is not None:
-                level = float(rng.uniform(*self.noise_hu_range))
+                level = self._level(*self.noise_hu_range, rng)
                 params = {"noise_hu": level}
             else:
-                dose = float(rng.uniform(*self.dose_range))
+                dose = self._level(*self.dose_range, rng)
                 params = {"dose": dose}
+            shape2 = clean.shape[-2:]
+            src2 = tuple(int(v) for v in (src_shape or shape2))
+            zoom = shape2[0] / src2[0]
             out = np.empty_like(clean)
             planes = clean if clean.ndim == 3 else clean[None]
             outs = out if out.ndim == 3 else out[None]
@@ -480,16 +528,18 @@ class Degradation:
                     from ..degrade import ct_lowdose_added_noise
 
                     full = rec.physical(np.asarray(rec.array[z], dtype=np.float32))
-                    noise = _crop(ct_lowdose_added_noise(full, rec.spacing, dose, seed=rng), starts, plane.shape)
+                    noise = _crop(ct_lowdose_added_noise(full, rec.spacing, dose, seed=rng), starts, src2)
+                    noise = _resize(noise, shape2)
                 else:
                     vp, ve = rec.ct_maps(z)
-                    vpc = _crop(vp, starts, plane.shape)
+                    vpc = _resize(_crop(vp, starts, src2), shape2)
+                    unit, kappa = ct_shaped_noise(plane.shape, rng, self.ct_filters)
                     if self.noise_hu_range is not None:  # the model's spatial variation, scaled to the drawn level
                         sd = np.sqrt(vpc) * np.float32(level / rec.ct_median_sd(z))
-                    else:
-                        vec = _crop(ve, starts, plane.shape)
-                        sd = np.sqrt((1.0 / dose - 1.0) * vpc + (1.0 / dose**2 - 1.0) * vec)
-                    noise = ct_shaped_noise(plane.shape, rng) * sd
+                    else:  # FBP noise variance ~ kernel variance / pixel size^3 at one dose
+                        vec = _resize(_crop(ve, starts, src2), shape2)
+                        sd = np.sqrt(((1.0 / dose - 1.0) * vpc + (1.0 / dose**2 - 1.0) * vec) * kappa * zoom**3)
+                    noise = unit * sd
                 outs[k] = rec.normalised(hu + noise)
             return out, params
         if self.kind == "mr_rician":
@@ -574,13 +624,19 @@ class PatchDataset(torch.utils.data.Dataset):
         deg = self.degradation
         m = deg.margin() if deg is not None else 0
         planes = None
+        src_shape = None
         if len(self.patch) == 2:
             z0 = int(rng.integers(nz))
             ph, pw = self.patch
-            y0, x0 = int(rng.integers(max(ny - ph, 0) + 1)), int(rng.integers(max(nx - pw, 0) + 1))
-            starts, sizes = (y0 - m, x0 - m), (ph + 2 * m, pw + 2 * m)
+            zoom = deg.zoom_factor(rec, rng) if deg is not None and self.targets is None else 1.0
+            sizes = (ph + 2 * m, pw + 2 * m)
+            src = tuple(max(8, int(round(v / zoom))) for v in sizes) if zoom != 1.0 else sizes
+            span = src if zoom != 1.0 else (ph, pw)
+            y0, x0 = int(rng.integers(max(ny - span[0], 0) + 1)), int(rng.integers(max(nx - span[1], 0) + 1))
+            starts = (y0, x0) if zoom != 1.0 else (y0 - m, x0 - m)
             planes, which = np.unique(mirror_indices(z0 - self.context, 2 * self.context + 1, nz), return_inverse=True)
-            clean = np.stack([_crop(rec.array[z], starts, sizes) for z in planes])
+            clean = np.stack([_resize(_crop(rec.array[z], starts, src), sizes) for z in planes])
+            src_shape = src if zoom != 1.0 else None
             inner = (slice(None), slice(m, m + ph), slice(m, m + pw))
         else:
             pd_, ph, pw = self.patch
@@ -597,7 +653,7 @@ class PatchDataset(torch.utils.data.Dataset):
                 target = _crop(tgt.array, (z0, *starts), (self.patch[0], *sizes))
             inp = clean
         elif deg is not None:
-            inp, _ = deg.apply(rec, clean, z0, starts, rng, zs=planes)
+            inp, _ = deg.apply(rec, clean, z0, starts, rng, zs=planes, src_shape=src_shape)
             target = clean
         else:  # self-supervised
             inp = target = clean

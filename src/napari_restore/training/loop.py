@@ -216,7 +216,10 @@ class _Run:
             kind = "gaussian_blur" if cfg.task == "deblur" else ("ct_lowdose" if self.modality == "CT" else "mr_rician")
             self.degradation = Degradation(kind, tuple(cfg.dose_range), tuple(cfg.rician_range), tuple(cfg.fwhm_range),
                                            cfg.blur_noise, cfg.ct_noise_method,
-                                           None if cfg.ct_noise_hu is None else tuple(cfg.ct_noise_hu))
+                                           None if cfg.ct_noise_hu is None else tuple(cfg.ct_noise_hu),
+                                           tuple(cfg.ct_filters),
+                                           None if cfg.ct_pixel_range is None else tuple(cfg.ct_pixel_range),
+                                           bool(cfg.log_draw), float(cfg.clean_fraction))
         else:
             self.degradation = None
 
