@@ -37,7 +37,13 @@ class Volume:
         meta: free-form record. Known keys: ``source_path``, ``series_uid``, ``description``,
             ``dicom`` (per-slice source headers, for export), ``window`` ((center, width)),
             ``provenance`` (list of dicts, one per step), ``warnings`` (list of str),
-            ``slice_spacing_nonuniform`` (bool).
+            ``slice_spacing_nonuniform`` (bool), ``slice_positions`` (``(nz, 3)`` LPS mm of
+            every slice's first voxel as the source placed it: see :attr:`slice_positions`).
+
+    Geometry of irregular series: the affine holds the mean slice step; every slice's true
+    position is in :attr:`slice_positions`. :attr:`is_uniform` says whether the affine alone is
+    exact; :meth:`uniform_runs` and :meth:`subvolume` split a series into uniformly spaced parts;
+    :meth:`resampled_uniform` interpolates it onto a uniform grid (see :mod:`.geometry`).
     """
 
     array: np.ndarray
@@ -80,6 +86,57 @@ class Volume:
         normal = np.cross(col_i, col_j)
         normal /= np.linalg.norm(normal)
         return float(abs(normal @ self.affine[:3, 0]))
+
+    @property
+    def slice_positions(self) -> np.ndarray:
+        """``(nz, 3)`` LPS mm of voxel ``(k, 0, 0)`` of every slice.
+
+        The source's own positions (``meta["slice_positions"]``, each DICOM slice's
+        ImagePositionPatient) when recorded for exactly these slices, else the affine's.
+        """
+        nz = self.spatial_shape[0]
+        rec = self.meta.get("slice_positions") if self.meta else None
+        if rec is not None:
+            pos = np.asarray(rec, dtype=np.float64)
+            if pos.shape == (nz, 3) and np.all(np.isfinite(pos)):
+                return pos
+        return self.affine[:3, 3][None, :] + np.arange(nz)[:, None] * self.affine[:3, 0][None, :]
+
+    @property
+    def slice_offsets(self) -> np.ndarray:
+        """``(nz,)`` mm: each slice's distance from slice 0 along the slice normal."""
+        from .geometry import slice_normal
+
+        return (self.slice_positions - self.slice_positions[0]) @ slice_normal(self.affine)
+
+    @property
+    def is_uniform(self) -> bool:
+        """Whether the affine puts every slice where :attr:`slice_positions` says (within 1 % of a step)."""
+        from .geometry import positions_match_affine
+
+        return positions_match_affine(self.slice_positions, self.affine)
+
+    def uniform_runs(self) -> list[tuple[int, int]]:
+        """``[(start, stop), ...]``: consecutive slice ranges with one uniform step each (see :mod:`.geometry`)."""
+        from .geometry import uniform_runs
+
+        return uniform_runs(self.slice_offsets)
+
+    def subvolume(self, start: int, stop: int) -> "Volume":
+        """Slices ``start:stop`` as a Volume whose affine is exact for them (a uniform run)."""
+        from .geometry import subvolume
+
+        return subvolume(self, start, stop)
+
+    def resampled_uniform(self, step_mm: float | None = None) -> "Volume":
+        """This volume interpolated linearly along the slice normal onto a uniform grid.
+
+        ``step_mm``: the new slice step (default: the smallest step of the series). The step is
+        recorded in the provenance; per-slice source references are dropped.
+        """
+        from .geometry import resampled_uniform
+
+        return resampled_uniform(self, step_mm)
 
     @property
     def origin(self) -> np.ndarray:
@@ -159,6 +216,13 @@ class Volume:
             c, w = window
             kwargs["contrast_limits"] = (float(c - w / 2), float(c + w / 2))
         return kwargs
+
+    @property
+    def acquisition_plane(self) -> str:
+        """``axial``, ``coronal`` or ``sagittal``: the patient plane closest to the slices."""
+        from .geometry import acquisition_plane
+
+        return acquisition_plane(self.affine)
 
     def layer_record(self) -> dict[str, Any]:
         """The ``metadata["napari_restore"]`` record: geometry, modality, source and provenance."""

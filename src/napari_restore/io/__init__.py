@@ -46,13 +46,18 @@ def load(path: str | os.PathLike) -> list[Volume]:
 
 
 def save(volume: Volume, path: str | os.PathLike, format: str | None = None,
-         overwrite: bool = False, **kwargs) -> Path:
+         overwrite: bool = False, resample: str | None = None, **kwargs) -> Path:
     """Write ``volume`` to ``path``; the format follows the suffix or ``format``.
 
     ``.nii``/``.nii.gz``/``.mha``/``.nrrd`` by suffix; a path without a suffix, an existing
     folder, or ``format="dicom"`` writes a DICOM series (one file per slice) into that folder.
     Extra keyword arguments go to the DICOM writer (``series_description``, ``modality``, ...).
     The write is atomic; an existing target is replaced only with ``overwrite=True``.
+
+    Unevenly spaced slices (:attr:`Volume.is_uniform` false): a DICOM series keeps every
+    slice's own position; NIfTI/MHA/NRRD hold one step only, so writing them is refused unless
+    ``resample="uniform"`` (linear along the slice normal at the smallest step, recorded in the
+    provenance: :meth:`Volume.resampled_uniform`).
 
     Returns:
         The path written.
@@ -64,6 +69,19 @@ def save(volume: Volume, path: str | os.PathLike, format: str | None = None,
         "nifti" if suffix in NIFTI_SUFFIXES else "sitk" if suffix in SITK_SUFFIXES
         else "dicom" if suffix in ("", ".dcm") or path.is_dir() else ""
     )
+    if resample not in (None, "uniform"):
+        raise OutputError(f"resample must be None or 'uniform', got {resample!r}", path)
+    if fmt in ("nifti", "sitk") and not volume.is_uniform:
+        if resample != "uniform":
+            from ..geometry import describe_steps
+
+            raise OutputError(f"the slices are unevenly spaced (steps of {describe_steps(volume.slice_offsets)}); "
+                              f"{'NIfTI' if fmt == 'nifti' else 'MHA/NRRD'} holds one step only, so the slices "
+                              "would move. Write a DICOM series (exact positions) or resample onto a uniform grid "
+                              "(save(..., resample='uniform') / --resample-uniform)", path)
+        volume = volume.resampled_uniform()
+    elif fmt == "dicom" and resample == "uniform" and not volume.is_uniform:
+        volume = volume.resampled_uniform()
     if fmt == "nifti":
         from .nifti import write_nifti
 

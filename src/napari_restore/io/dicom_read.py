@@ -29,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from ..errors import InputError
+from ..geometry import describe_steps, survey_gap
 from ..volume import Volume
 
 log = logging.getLogger(__name__)
@@ -223,8 +224,9 @@ def build_volume(series: Series) -> Volume:
         steps = np.diff(dists)
         mean = float(np.mean(steps))
         if np.max(np.abs(steps - mean)) > max(_SPACING_REL_TOL * abs(mean), 1e-3):
-            warnings.append(f"non-uniform slice spacing (steps {np.round(steps, 3).tolist()} mm); "
-                            f"the affine uses the mean step {mean:.4f} mm")
+            warnings.append(f"non-uniform slice spacing: steps of {describe_steps(dists - dists[0])}; every slice "
+                            "keeps its own position (NIfTI/MHA/NRRD need resample='uniform'; napari shows each "
+                            "uniform run as its own layer)")
         line = stacks[-1][0].position - origin
         off = [(s[0].position - origin) - ((s[0].position - origin) @ line) / (line @ line) * line for s in stacks]
         if np.max(np.linalg.norm(off, axis=1)) > 0.01 * max(abs(mean), 1.0) + 1e-3:
@@ -283,13 +285,24 @@ def build_volume(series: Series) -> Volume:
         "window": _window(first),
         "dicom_header": _strip(h),
         "source_sops": [{"sop_class": sop_class(s[0].header), "sop_instance": str(s[0].header.get("SOPInstanceUID", "")),
-                         "frame": None if s[0].frame is None else s[0].frame + 1} for s in stacks],
+                         "frame": None if s[0].frame is None else s[0].frame + 1,
+                         "thickness": _slice_thickness(s[0])} for s in stacks],
         "slice_thickness": _float(h.get("SliceThickness")) or _float(_fg(first, "PixelMeasuresSequence", "SliceThickness")),
         "slice_distance": slice_distance,
         "gantry_tilt_deg": tilt,
         "slice_spacing_nonuniform": any(w.startswith("non-uniform") for w in warnings),
         "warnings": warnings,
     }
+    if geometry and nz > 1:
+        meta["slice_positions"] = [[float(v) for v in s[0].position] for s in stacks]
+        if survey_gap(dists, meta["slice_thickness"]):
+            gap = float(np.min(np.diff(dists)))
+            warnings.append(f"a survey of separate slices, not a volume: {nz} slices {meta['slice_thickness']:g} mm "
+                            f"thick with gaps of {gap:.4g} mm or more; 2.5-D and 3-D models restore each slice alone")
+            meta["separate_slices"] = True
+    if tilt and abs(tilt) > 0.01:
+        warnings.append(f"gantry tilt of {tilt:.2f} deg: kept as a shear of the affine (slice planes "
+                        f"{slice_distance:.4g} mm apart, {float(np.linalg.norm(step)):.4g} mm between slice origins)")
     if nt > 1:
         meta["time_points"] = nt
     for w in warnings:
@@ -709,6 +722,11 @@ def _window(fr: Frame) -> tuple[float, float] | None:
     if c is None or not w or w <= 0:
         return None
     return (c, w)
+
+
+def _slice_thickness(fr: Frame) -> float | None:
+    """SliceThickness of one frame (its file's, or its enhanced per-frame group's)."""
+    return _float(fr.header.get("SliceThickness")) or _float(_fg(fr, "PixelMeasuresSequence", "SliceThickness"))
 
 
 def _tilt_degrees(step: np.ndarray, normal: np.ndarray) -> float:

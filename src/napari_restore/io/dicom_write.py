@@ -8,9 +8,11 @@ points back at its source image (SourceImageSequence, Common Instance Reference)
 copied blindly: the dataset is built from scratch, so private tags, icons, overlays and the
 per-frame functional groups of an enhanced source never reach the output.
 
-Geometry comes from the Volume's affine (index ``(k, j, i)`` -> LPS mm):
-ImagePositionPatient of slice ``k`` is ``origin + k * affine[:3, 0]`` (a gantry tilt keeps its
-shear in the positions), ImageOrientationPatient is (normalised ``affine[:3, 2]``, normalised
+Geometry comes from the Volume (index ``(k, j, i)`` -> LPS mm): ImagePositionPatient of slice
+``k`` is :attr:`Volume.slice_positions` ``[k]``, the source slice's own position (for an evenly
+spaced volume ``origin + k * affine[:3, 0]``; a gantry tilt keeps its shear in the positions);
+SliceThickness is the source slice's own, SpacingBetweenSlices (MR) the distance to the
+neighbouring slice; ImageOrientationPatient is (normalised ``affine[:3, 2]``, normalised
 ``affine[:3, 1]``) and PixelSpacing is ``(|affine[:3, 1]|, |affine[:3, 2]|)`` (row, column).
 
 Pixels are signed 16-bit with one RescaleSlope/RescaleIntercept per series, chosen so the float
@@ -181,9 +183,13 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, overwrite: 
             ds = copy.deepcopy(base) if deid is not None else pydicom.Dataset(base)
             ds.SOPInstanceUID = pydicom.uid.generate_uid()
             ds.InstanceNumber = k + 1
-            pos = geometry["origin"] + k * geometry["step"]
+            pos = geometry["positions"][k]
             ds.ImagePositionPatient = [_ds(v) for v in pos]
             ds.SliceLocation = _ds(float(pos @ geometry["normal"]))
+            if sops and sops[k].get("thickness"):
+                ds.SliceThickness = _ds(float(sops[k]["thickness"]))
+            if mod == "MR" and nz > 1 and not geometry["uniform"]:
+                ds.SpacingBetweenSlices = _ds(geometry["local_steps"][k])
             if sops and sops[k].get("sop_instance"):  # a blanked source UID cannot be referenced
                 _add_source_reference(ds, sops[k], source_series, header, mod)
             stored = np.rint((volume.array[k].astype(np.float64) - intercept) / slope)
@@ -251,9 +257,14 @@ def _geometry(volume: Volume, folder: Path) -> dict[str, Any]:
         raise OutputError("the in-plane axes of the volume are not orthogonal; DICOM ImageOrientationPatient "
                           "cannot hold that (only the slice axis may be sheared, as in a gantry tilt)", folder)
     normal = np.cross(row_cos, col_cos)
+    positions = volume.slice_positions
+    offsets = (positions - positions[0]) @ normal
+    steps = np.abs(np.diff(offsets))
+    local = np.concatenate([steps, steps[-1:]]) if steps.size else np.array([abs(normal @ step)])
     return {"row_cos": row_cos, "col_cos": col_cos, "pixel_spacing": (dj, di), "step": step,
-            "origin": aff[:3, 3].copy(), "normal": normal,
-            "slice_distance": float(abs(normal @ step))}
+            "origin": aff[:3, 3].copy(), "normal": normal, "positions": positions,
+            "uniform": volume.is_uniform, "local_steps": local,
+            "slice_distance": float(abs(normal @ step)) if volume.is_uniform else float(np.min(local))}
 
 
 # --------------------------------------------------------------------------- header
