@@ -101,6 +101,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         kwargs = {"format": "dicom", "series_description": args.series_description, "modality": args.modality.upper() if args.modality else None}
         if deid is not None:
             kwargs.update(deidentify=deid, accept_burned_in=args.accept_burned_in)
+    if args.resample_uniform:
+        kwargs["resample"] = "uniform"
     written = save(result, out, overwrite=args.overwrite, **kwargs)
     step = result.meta.get("provenance", [{}])[-1]
     print(f"wrote {written} ({step.get('model', args.task)}, {step.get('seconds', 0):.1f} s)")
@@ -253,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--modality", default=None, choices=("CT", "MR", "ct", "mr"),
                    help="CT or MR: the input's modality when the file does not say (NIfTI/MHA), which picks the "
                         "model and is written into a DICOM export")
+    r.add_argument("--resample-uniform", action="store_true",
+                   help="unevenly spaced slices: interpolate onto a uniform grid at the smallest step (linear along "
+                        "the slice normal, recorded in the provenance); without it NIfTI/MHA/NRRD output of such a "
+                        "series is refused, while a DICOM series keeps every slice's own position")
     r.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never done otherwise)")
     r.add_argument("--deidentify", action="store_true",
                    help="DICOM output: apply the DICOM PS3.15 Annex E basic confidentiality profile (new UIDs, "
@@ -343,16 +349,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _print_warnings(caught: list) -> None:
+    """Reader and restore notes (uneven spacing, duplicates, tilt, skipped files...), each once, on stderr."""
+    seen: set[str] = set()
+    for w in caught:
+        if issubclass(w.category, (UserWarning, RuntimeWarning)) and str(w.message) not in seen:
+            seen.add(str(w.message))
+            print(f"warning: {w.message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
-            code = int(args.func(args) or EXIT_OK)
-        for w in caught:  # reader notes (non-uniform spacing, skipped files...) as one line each
-            if issubclass(w.category, UserWarning):
-                print(f"warning: {w.message}", file=sys.stderr)
+            warnings.simplefilter("always", RuntimeWarning)
+            try:
+                code = int(args.func(args) or EXIT_OK)
+            finally:
+                _print_warnings(caught)
         return code
     except (Cancelled, KeyboardInterrupt):
         print("cancelled: nothing was written", file=sys.stderr)

@@ -483,7 +483,7 @@ def _resolve_steps(task: str, model: Any, volume: Volume, mode: str, device: tor
     dims = 2 if mode == "2d" else 3
 
     def auto(t: str) -> _Step | None:
-        card = find_model(t, modality if modality in ("CT", "MR") else "any", dims, volume.slice_distance)
+        card = find_model(t, modality if modality in ("CT", "MR") else "any", dims, _largest_step(volume))
         if card is not None:
             return _step_from_model(t, card, modality, mode, device, warn, ensemble)
         if t == "enhance":
@@ -615,11 +615,13 @@ def restore(volume: Volume, task: str = "denoise", model: Any = None, mode: str 
         s = strength if len(steps) == 1 else 1.0
         cur_frames = current if current.ndim == 4 else current[None]
         out_frames = out if out.ndim == 4 else out[None]
+        runs = _slice_runs(volume, step, mode, warn)
         for f in range(cur_frames.shape[0]):
-            if mode == "2d":
-                runner.run_2d(cur_frames[f], out_frames[f], s)
-            else:
-                runner.run_3d(cur_frames[f], out_frames[f], s)
+            for a, b in runs:  # each uniformly spaced run alone: no neighbour across a gap
+                if mode == "2d":
+                    runner.run_2d(cur_frames[f][a:b], out_frames[f][a:b], s)
+                else:
+                    runner.run_3d(cur_frames[f][a:b], out_frames[f][a:b], s)
         if i > 0:
             del current
         current = out
@@ -658,6 +660,40 @@ def restore(volume: Volume, task: str = "denoise", model: Any = None, mode: str 
     if warn:
         result.meta["warnings"] = list(volume.meta.get("warnings", [])) + warn
     return result
+
+
+def _largest_step(volume: Volume) -> float:
+    """The widest distance between neighbouring slices (mm): what a 2.5-D model would read across."""
+    if volume.meta.get("separate_slices"):
+        return float("inf")
+    if volume.spatial_shape[0] > 1 and not volume.is_uniform:
+        return float(np.max(np.abs(np.diff(volume.slice_offsets))))
+    return volume.slice_distance
+
+
+def _slice_runs(volume: Volume, step: _Step, mode: str, warn: list[str]) -> list[tuple[int, int]]:
+    """Slice ranges restored alone: the whole volume, unless the step reads neighbouring slices
+    (2.5-D context or 3-D) and the slices are unevenly spaced (each uniform run alone) or
+    separate (each slice alone), so that a 7 mm gap is never read as a 4 mm one."""
+    nz = volume.spatial_shape[0]
+    reads_neighbours = mode == "3d" or int(getattr(step.network, "context", 0) or 0) > 0
+    if not reads_neighbours or nz < 2:
+        return [(0, nz)]
+    if volume.meta.get("separate_slices"):
+        note = f"{step.name}: the slices are separate (a survey), so each was restored alone"
+        if note not in warn:
+            warn.append(note)
+        return [(k, k + 1) for k in range(nz)]
+    if volume.is_uniform:
+        return [(0, nz)]
+    runs = volume.uniform_runs()
+    from .geometry import describe_steps
+
+    note = (f"{step.name}: unevenly spaced slices ({describe_steps(volume.slice_offsets)}) were restored as "
+            f"{len(runs)} uniform runs, each alone")
+    if note not in warn:
+        warn.append(note)
+    return runs
 
 
 def _fit_enhance_noise(step: _Step, current: np.ndarray, mode: str) -> None:

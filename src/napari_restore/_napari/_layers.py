@@ -162,6 +162,25 @@ def plane_subvolume(volume: Volume, layer_axes: tuple[int, ...], layer_axis: int
     return Volume(np.ascontiguousarray(moved[lo:hi]), aff, volume.modality, meta), index - lo
 
 
+def preview_plane_note(volume: Volume, volume_axis: int, index: int) -> str:
+    """Which plane a preview restores, and whether Restore volume works along it.
+
+    ``volume_axis``: the Volume axis the viewer slices along (0 = the acquisition slices).
+    """
+    planes = {"axial": 0, "coronal": 1, "sagittal": 2}
+    acq = volume.acquisition_plane
+    if volume_axis == 0:
+        return f"{acq} slice {index + 1} (the acquisition plane, as Restore volume)"
+    others = [p for p in planes if p != acq]
+    # the in-plane axes of the volume: axis 1 (rows) and 2 (columns), whichever patient plane they cut
+    col = volume.affine[:3, volume_axis]
+    lps = int(np.argmax(np.abs(col)))  # 0 L, 1 P, 2 S: the slicing direction of this view
+    shown = {0: "sagittal", 1: "coronal", 2: "axial"}[lps]
+    shown = shown if shown in others else others[0]
+    return (f"{shown} plane {index + 1}, across the {acq} acquisition slices: Restore volume works on the "
+            f"{acq} slices, so its result here can differ from this preview")
+
+
 def preview_layer_kwargs(layer: Any, name: str, lead_index: dict[int, int], linear: np.ndarray,
                          meta: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments for a one-plane preview layer placed where the plane is in the world.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -62,12 +63,61 @@ def read_layers(path: PathLike | list[PathLike]) -> list[LayerData]:
     """
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     layers: list[LayerData] = []
+    notes: list[str] = []
     for p in paths:
-        volumes = load(p)
+        with warnings.catch_warnings():  # shown once each below, not also as Python warnings
+            warnings.simplefilter("ignore", UserWarning)
+            volumes = load(p)
         if not volumes:
             raise InputError("no image series found", p)
-        layers.extend(volume_to_layer_data(v, visible=(n == 0)) for n, v in enumerate(volumes))
+        for n, v in enumerate(volumes):
+            notes.extend(f"{v.meta.get('source_path', p)}: {w}" for w in v.meta.get("warnings", []))
+            layers.extend(volume_to_layer_data(part, visible=(n == 0)) for part in display_parts(v))
+    _notify(notes)
+    _install_view()
     return layers
+
+
+def display_parts(volume: Volume) -> list[Volume]:
+    """What napari shows of a series: the volume itself, or, for unevenly spaced slices, one
+    sub-volume per uniformly spaced run (exact source slices, no interpolation), named by its
+    slice range and step. Each part exports back to exactly its source slices."""
+    if volume.spatial_shape[0] < 3 or volume.is_uniform:
+        return [volume]
+    parts = []
+    name = volume.meta.get("description") or volume.modality
+    for a, b in volume.uniform_runs():
+        part = volume.subvolume(a, b)
+        step = f", {part.slice_distance:.3g} mm" if b - a > 1 else ""
+        part.meta["description"] = f"{name} [slices {a + 1}-{b}{step}]"
+        parts.append(part)
+    return parts
+
+
+def _notify(notes: list[str]) -> None:
+    """Each geometry/reader note once as a napari warning notification."""
+    if not notes:
+        return
+    try:
+        from napari.utils.notifications import show_warning
+    except ImportError:  # pragma: no cover - napari is what calls this reader
+        return
+    for note in dict.fromkeys(notes):
+        show_warning(note)
+
+
+def _install_view() -> None:
+    """Open the series in their acquisition plane, patient upright (see :mod:`._view`)."""
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # no viewer (a script calling the reader): nothing to set up
+        return
+    if viewer is not None:
+        from ._view import install
+
+        install(viewer)
 
 
 def volume_to_layer_data(volume: Volume, visible: bool = True) -> LayerData:

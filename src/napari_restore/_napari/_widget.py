@@ -104,6 +104,18 @@ class _Section(QWidget):
         self.body.setVisible(on)
 
 
+def _install_view() -> None:
+    """Keep the real viewer upright and open series in their plane (the widget gets a proxy)."""
+    try:
+        import napari
+
+        from ._view import install
+
+        install(napari.current_viewer())
+    except Exception:  # no current viewer (a bare widget in a script)
+        pass
+
+
 class RestoreWidget(QWidget):
     """The napari-restore dock widget.
 
@@ -117,6 +129,7 @@ class RestoreWidget(QWidget):
     def __init__(self, napari_viewer: Any) -> None:
         super().__init__()
         self.viewer = napari_viewer
+        _install_view()
         self.state = RestoreState()
         self.compare_state = CompareState()
         self.export_state = ExportState()
@@ -978,6 +991,7 @@ class RestoreWidget(QWidget):
             k = lead.get(spatial0 + axis, 0) if layer.ndim >= 3 else 0
             slab = 8 if self.state.mode == "3d" else self._context_slices()
             sub, centre = L.plane_subvolume(volume, axes, axis, k, t, slab)
+            plane_note = L.preview_plane_note(volume, int(axes[axis]), k)
         except RestoreError as exc:
             self._error(exc)
             return None
@@ -1001,7 +1015,7 @@ class RestoreWidget(QWidget):
                                         {"source": layer.name, "index": lead, "provenance": prov})
             self.last_preview = self._add_or_update(data, pk)
             self.viewer.layers.selection.active = layer
-            self.status_label.setText(f"Preview of plane {k + 1}: {prov.get('model')} in {secs * 1000:.0f} ms")
+            self.status_label.setText(f"Preview of {plane_note}: {prov.get('model')} in {secs * 1000:.0f} ms")
             self.progress_bar.setRange(0, 1)
             self.progress_bar.setValue(1)
             self.progress_bar.setFormat(f"Preview · {secs * 1000:.0f} ms")
