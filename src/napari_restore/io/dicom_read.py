@@ -285,7 +285,7 @@ def build_volume(series: Series) -> Volume:
         "window": _window(first),
         "dicom_header": _strip(h),
         "source_sops": [{"sop_class": sop_class(s[0].header), "sop_instance": str(s[0].header.get("SOPInstanceUID", "")),
-                         "frame": None if s[0].frame is None else s[0].frame + 1,
+                         "frame": None if s[0].frame is None or _n_frames(s[0].header) <= 1 else s[0].frame + 1,
                          "thickness": _slice_thickness(s[0])} for s in stacks],
         "slice_thickness": _float(h.get("SliceThickness")) or _float(_fg(first, "PixelMeasuresSequence", "SliceThickness")),
         "slice_distance": slice_distance,
@@ -722,6 +722,14 @@ def _window(fr: Frame) -> tuple[float, float] | None:
     if c is None or not w or w <= 0:
         return None
     return (c, w)
+
+
+def _n_frames(h: Dataset) -> int:
+    """NumberOfFrames of a file (1 when absent or unreadable; a mosaic's tiles are not frames)."""
+    try:
+        return int(h.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
 
 
 def _slice_thickness(fr: Frame) -> float | None:

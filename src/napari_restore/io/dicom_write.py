@@ -36,6 +36,7 @@ import numpy as np
 from ..deidentify import Deidentifier, as_deidentifier, check_burned_in
 from ..errors import Cancelled, OutputError
 from ..volume import Volume
+from .dicom_conform import conform, drop_empty_sequences, safe_deidentified_description, valid_uid
 from .atomic import atomic_dir
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -107,7 +108,8 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, overwrite: 
                        derivation: str | None = None,
                        progress: Callable[[int, int], Any] | None = None,
                        cancel: Callable[[], bool] | None = None,
-                       deidentify: "bool | Deidentifier" = False, accept_burned_in: bool = False) -> Path:
+                       deidentify: "bool | Deidentifier" = False, accept_burned_in: bool = False,
+                       window: tuple[float, float] | None = None, keep_description: bool = False) -> Path:
     """Write ``volume`` (3-D, ``(z, y, x)``) as a new derived DICOM series into ``folder``.
 
     Args:
@@ -131,6 +133,11 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, overwrite: 
             shared by several exports so series of one study keep one Study/FrameOfReference UID.
         accept_burned_in: export de-identified even though the source says
             ``BurnedInAnnotation = YES`` (refused otherwise).
+        window: ``(center, width)`` in output units; default: the source's window (so the
+            derived series opens with the source's contrast), else the 1-99.5 percentiles.
+        keep_description: with ``deidentify``: keep the source's SeriesDescription (PS3.15 Clean
+            Descriptors Option: the user vouches that it identifies no one); by default a
+            de-identified series is named by its steps and models plus "de-identified".
 
     Returns:
         ``Path(folder)``.
@@ -167,11 +174,17 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, overwrite: 
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S.%f")
     series_uid = pydicom.uid.generate_uid()
     base = _series_template(volume, header, mod, geometry, slope, intercept, date, time, series_uid,
-                            series_description, derivation)
+                            series_description, derivation, window)
+    deid_description = None
+    if deid is not None and not keep_description:
+        deid_description = series_description or safe_deidentified_description(meta)
+    study_id_dummy = deid.pseudonym("StudyID:" + str(base.get("StudyInstanceUID", ""))) if deid is not None else None
     sops = meta.get("source_sops") or []
     source_series = meta.get("series_uid") or (getattr(header, "SeriesInstanceUID", None) if header is not None else None)
     if len(sops) != volume.array.shape[0]:
         sops = []  # geometry no longer slice-to-slice with the source: no per-slice reference
+    if source_series and not valid_uid(source_series):
+        source_series = None  # an invalid UID references nothing
 
     nz = volume.array.shape[0]
     with atomic_dir(folder, overwrite) as tmp:
@@ -190,12 +203,17 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, overwrite: 
                 ds.SliceThickness = _ds(float(sops[k]["thickness"]))
             if mod == "MR" and nz > 1 and not geometry["uniform"]:
                 ds.SpacingBetweenSlices = _ds(geometry["local_steps"][k])
-            if sops and sops[k].get("sop_instance"):  # a blanked source UID cannot be referenced
+            if sops and valid_uid(sops[k].get("sop_instance")):  # a blanked or invalid UID cannot be referenced
                 _add_source_reference(ds, sops[k], source_series, header, mod)
             stored = np.rint((volume.array[k].astype(np.float64) - intercept) / slope)
             ds.PixelData = np.clip(stored, *_INT16).astype("<i2").tobytes()
             if deid is not None:
                 deid.apply(ds)
+                drop_empty_sequences(ds)
+                if deid_description is not None:
+                    ds.SeriesDescription = deid_description
+                if not str(ds.get("StudyID", "") or ""):
+                    ds.StudyID = study_id_dummy  # Z allows a dummy; DICOMDIRs need a Study ID
             ds.file_meta = pydicom.dataset.FileMetaDataset()
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
@@ -233,10 +251,10 @@ def choose_rescale(array: np.ndarray, modality: str) -> tuple[float, float]:
     return slope, intercept
 
 
-def _window(volume: Volume, modality: str) -> tuple[float, float]:
-    """(center, width) in output units: the source's window for CT, else the 1-99.5 percentiles."""
-    window = (volume.meta or {}).get("window")
-    if modality == "CT" and window is not None:
+def _window(volume: Volume, modality: str, explicit: tuple[float, float] | None = None) -> tuple[float, float]:
+    """(center, width) in output units: ``explicit``, else the source's window, else the 1-99.5 percentiles."""
+    window = explicit if explicit is not None else (volume.meta or {}).get("window")
+    if window is not None:
         return float(window[0]), max(float(window[1]), 1.0)
     a = volume.array
     sample = a[:: max(1, a.shape[0] // 16)].ravel()
@@ -270,7 +288,8 @@ def _geometry(volume: Volume, folder: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- header
 def _series_template(volume: Volume, header, modality: str, geo: dict[str, Any], slope: float,
                      intercept: float, date: str, time: str, series_uid: str,
-                     series_description: str | None, derivation: str | None):
+                     series_description: str | None, derivation: str | None,
+                     window: tuple[float, float] | None = None):
     """The dataset shared by all slices (no SOPInstanceUID, position or pixels yet)."""
     import pydicom
     from pydicom.dataset import Dataset
@@ -363,10 +382,11 @@ def _series_template(volume: Volume, header, modality: str, geo: dict[str, Any],
             ds.KVP = ""
     else:
         _mr_sequence(header, ds)
-    center, width = _window(volume, modality)
+    center, width = _window(volume, modality, window)
     ds.WindowCenter, ds.WindowWidth = _ds(center), _ds(width)
 
     text = "".join(str(ds.get(kw, "")) for kw in ("SeriesDescription", "DerivationDescription", "StudyDescription"))
+    conform(ds, str(ds.get("BodyPartExamined", "") or "").upper() in _UNPAIRED_BODY_PARTS)
     if "SpecificCharacterSet" not in ds and not text.isascii():
         ds.SpecificCharacterSet = "ISO_IR 192"
     return ds
