@@ -213,8 +213,9 @@ def run_batch(input_root: str | os.PathLike, output_root: str | os.PathLike, *, 
     if not src.is_dir():
         raise InputError("the input root must be an existing folder", src)
     src_r, dst_r = src.resolve(), dst.resolve()
-    if dst_r == src_r or dst_r in src_r.parents:
-        raise OutputError("the output root must not be the input root or contain it; inputs are never modified", dst)
+    if dst_r == src_r or dst_r in src_r.parents or dst_r.is_relative_to(src_r):
+        raise OutputError("the output root must not be the input root, contain it or lie inside it; inputs are "
+                          "never modified (nothing was written)", dst)
     sh = shard if isinstance(shard, Shard) else from_environment(parse_shard(shard) if isinstance(shard, str)
                                                                  else tuple(shard) if shard else None)
     prefix = f"[{sh.tag}] " if sh.tag else ""

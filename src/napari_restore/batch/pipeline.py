@@ -30,6 +30,7 @@ from typing import Any
 from ..errors import Cancelled, InputError
 from ..volume import Volume
 from .walk import SeriesItem
+from .lifeline import pool_kwargs
 
 _END = object()
 
@@ -230,8 +231,8 @@ class Pipeline:
         todo = iter(jobs)
         pending: deque = deque()
         slots = threading.BoundedSemaphore(self.writers + 1)  # results waiting for or in a writer
-        rpool = ProcessPoolExecutor(self.readers, mp_context=ctx)
-        wpool = ProcessPoolExecutor(self.writers, mp_context=ctx)
+        rpool = ProcessPoolExecutor(self.readers, mp_context=ctx, **pool_kwargs())
+        wpool = ProcessPoolExecutor(self.writers, mp_context=ctx, **pool_kwargs())
         writes: list = []
 
         def fill() -> None:
@@ -246,7 +247,7 @@ class Pipeline:
             """A reader process died (a decoder crashed): new pool, the other queued reads again."""
             nonlocal rpool
             rpool.shutdown(wait=False, cancel_futures=True)
-            rpool = ProcessPoolExecutor(self.readers, mp_context=ctx)
+            rpool = ProcessPoolExecutor(self.readers, mp_context=ctx, **pool_kwargs())
             for k, (job, _) in enumerate(list(pending)):
                 pending[k] = (job, rpool.submit(_timed, self.read, job[0]))
 
@@ -289,7 +290,7 @@ class Pipeline:
                     wfut = wpool.submit(_timed, self.write, result, item, output)
                 except BrokenProcessPool:  # a writer process died earlier: its series is failed, go on
                     wpool.shutdown(wait=False)
-                    wpool = ProcessPoolExecutor(self.writers, mp_context=ctx)
+                    wpool = ProcessPoolExecutor(self.writers, mp_context=ctx, **pool_kwargs())
                     wfut = wpool.submit(_timed, self.write, result, item, output)
                 del result
                 wfut.add_done_callback(lambda f, o=out: written(f, o))

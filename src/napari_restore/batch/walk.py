@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from .lifeline import pool_kwargs
 from ..io import NIFTI_SUFFIXES, SITK_SUFFIXES
 
 #: Kinds of series that are restored; the others are skipped and counted.
@@ -191,6 +192,9 @@ def _listing(root: Path, exclude: Path | None) -> tuple[dict[str, list[str]], li
             if name.startswith("."):
                 continue
             path = os.path.join(dirpath, name)
+            if not os.path.isfile(path):  # a FIFO, socket, device or dangling link: never opened
+                skipped["non-dicom"] += 1
+                continue
             suf = _suffix(name)
             if suf in NIFTI_SUFFIXES or suf in (".mha", ".mhd", ".nrrd", ".nhdr"):
                 images.append(path)
@@ -263,7 +267,7 @@ def walk_tree(root: str | os.PathLike, *, workers: int | None = None, exclude: s
     if workers > 1 and len(folders) > 1:
         import multiprocessing as mp
 
-        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), **pool_kwargs()) as pool:
             for i, scan in enumerate(pool.map(_scan_folder, [f for f, _ in folders], [fs for _, fs in folders])):
                 scans.append(scan)
                 if progress:

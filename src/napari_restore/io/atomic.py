@@ -119,7 +119,7 @@ def atomic_dir(target: str | os.PathLike, overwrite: bool = False) -> Iterator[P
         _replace(tmp, target)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"writing failed, nothing was left behind: {exc.strerror or exc}", target) from None
+        raise OutputError(f"writing failed, nothing was left behind: {_reason(exc)}", target) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -147,10 +147,21 @@ def atomic_file(target: str | os.PathLike, overwrite: bool = False) -> Iterator[
         os.replace(tmp, target)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"writing failed, nothing was left behind: {exc.strerror or exc}", target) from None
+        raise OutputError(f"writing failed, nothing was left behind: {_reason(exc)}", target) from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _reason(exc: OSError) -> str:
+    """One line saying why a write failed: the OS's own words, never a library's wrapped traceback
+    (pydicom re-raises an ``OSError`` with its traceback in the message and no errno)."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -31,6 +31,7 @@ from pydicom.errors import InvalidDicomError
 from ..errors import InputError
 from ..geometry import describe_steps, survey_gap
 from ..volume import Volume
+from .dicom_safe import dcmread as _dcmread
 
 log = logging.getLogger(__name__)
 
@@ -305,6 +306,10 @@ def build_volume(series: Series) -> Volume:
                         f"{slice_distance:.4g} mm apart, {float(np.linalg.norm(step)):.4g} mm between slice origins)")
     if nt > 1:
         meta["time_points"] = nt
+    burned = _burned_in(frames)
+    if burned:  # the export template speaks for every slice: one YES makes the whole series YES
+        meta["dicom_header"].BurnedInAnnotation = "YES"
+        warnings.append(f"BurnedInAnnotation=YES on {burned}: the series is treated as having burned-in text")
     for w in warnings:
         _warnings.warn(f"{meta['source_path']}: {w}", stacklevel=2)
     return Volume(array, affine, modality, meta)
@@ -321,8 +326,8 @@ class NotImage(Exception):
 
 def _is_dicomdir(path: Path) -> bool:
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["MediaStorageSOPClassUID"])
-        return str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_CLASS
+        meta = pydicom.filereader.read_file_meta_info(path)  # the file meta only: cheap on any file
+        return str(meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_CLASS
     except Exception:
         return False
 
@@ -330,16 +335,22 @@ def _is_dicomdir(path: Path) -> bool:
 def _dicomdir_files(path: Path, skipped: list[str]) -> list[Path]:
     """Files a DICOMDIR references (missing ones are reported in ``skipped``)."""
     try:
-        ds = _parsed(pydicom.dcmread(path))
+        ds = _parsed(_dcmread(path))
+    except InputError:
+        raise
     except Exception as exc:
         raise InputError(f"unreadable DICOMDIR ({type(exc).__name__}: {exc})", path) from None
     files = []
-    for rec in ds.get("DirectoryRecordSequence", []):
+    media = path.parent.resolve()
+    for n, rec in enumerate(ds.get("DirectoryRecordSequence", []), 1):
         ref = rec.get("ReferencedFileID")
         if not ref:
             continue
         parts = [ref] if isinstance(ref, str) else list(ref)
         f = path.parent.joinpath(*parts)
+        if not _inside(f, media):
+            raise InputError(f"DICOMDIR record {n} ({rec.get('DirectoryRecordType', '?')}) references "
+                             f"{'/'.join(map(str, parts))!r}, which lies outside the media folder; refused", path)
         if not f.is_file():  # file systems that changed case
             alt = path.parent.joinpath(*[p.lower() for p in parts])
             f = alt if alt.is_file() else f
@@ -353,14 +364,55 @@ def _dicomdir_files(path: Path, skipped: list[str]) -> list[Path]:
     return files
 
 
+def _burned_in(frames: list[Frame]) -> str:
+    """The first file (and frame) whose header or functional groups say BurnedInAnnotation=YES, or ""."""
+    seen: set[int] = set()
+    for fr in frames:
+        h = fr.header
+        if id(h) in seen:
+            continue
+        seen.add(id(h))
+        if _says_yes(h):
+            return fr.path.name
+        for key in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+            for group in h.get(key) or []:  # a frame's groups: the item and the macros inside it
+                if _says_yes(group) or any(_says_yes(sub) for elem in group if elem.VR == "SQ" for sub in elem.value):
+                    return f"{fr.path.name} ({key})"
+    return ""
+
+
+def _says_yes(ds: Dataset) -> bool:
+    return str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES"
+
+
+def _inside(f: Path, folder: Path) -> bool:
+    """Whether ``f`` (after symlinks and ``..``) lies inside the resolved ``folder``."""
+    try:
+        return f.resolve().is_relative_to(folder)
+    except (OSError, RuntimeError, ValueError):  # a symlink loop or an impossible name
+        return False
+
+
+def _claims_image(h: Dataset, sop: str) -> bool:
+    """True when the file meta names an image storage class: a file that says it is an image
+    (not a DICOMDIR, report or other non-image object) and then is not one is damaged."""
+    media = str(getattr(h, "file_meta", Dataset()).get("MediaStorageSOPClassUID", "") or "") or sop
+    return (media.startswith("1.2.840.10008.5.1.4.1.1.") and media != DICOMDIR_CLASS
+            and not any(media.startswith(p) for p in _NON_IMAGE_PREFIXES))
+
+
 def _read_header(path: Path) -> Dataset:
     try:
-        return _parsed(pydicom.dcmread(path, stop_before_pixels=True))
+        return _parsed(_dcmread(path, stop_before_pixels=True))
+    except InputError:
+        raise
     except InvalidDicomError:
         if path.suffix.lower() not in (".dcm", ".dicom", ".ima"):
             raise NotImage("not a DICOM file", report=False) from None
         try:  # a .dcm without the 128-byte preamble
-            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            ds = _dcmread(path, stop_before_pixels=True, force=True)
+        except InputError:
+            raise
         except Exception as exc:
             raise InputError(f"not a valid DICOM file ({exc})", path) from None
         if "Rows" not in ds:
@@ -404,10 +456,16 @@ def frames_of(path: Path) -> list[Frame]:
     h = _read_header(path)
     sop = sop_class(h)
     if sop == DICOMDIR_CLASS or "DirectoryRecordSequence" in h:
+        if _claims_image(h, sop):
+            raise InputError(f"says it holds an image (SOP class {sop}) but reads as a DICOMDIR: the header is "
+                             "damaged", path)
         raise NotImage("a DICOMDIR", report=False)
     if any(sop.startswith(p) for p in _NON_IMAGE_PREFIXES):
         raise NotImage(f"not an image (SOP class {sop})")
     if "Rows" not in h or "Columns" not in h:
+        if _claims_image(h, sop):
+            raise InputError(f"says it holds an image (SOP class {sop}) but its header has no Rows/Columns: "
+                             "the header is damaged", path)
         raise NotImage("no image (no Rows/Columns)")
     if _int_attr(h, "SamplesPerPixel", 1, path) != 1:
         raise NotImage(f"a colour image ({h.get('PhotometricInterpretation', '?')}, "
@@ -561,7 +619,7 @@ def _pixels(fr: Frame, cache: dict[Path, np.ndarray], rows: int, cols: int) -> n
         try:
             with _warnings.catch_warnings():
                 _warnings.simplefilter("ignore")
-                data = dicomwrappers.wrapper_from_data(pydicom.dcmread(fr.path)).get_data()  # rescaled
+                data = dicomwrappers.wrapper_from_data(_dcmread(fr.path)).get_data()  # rescaled
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:  # decoders written in Rust raise PanicException (a BaseException)
@@ -571,7 +629,7 @@ def _pixels(fr: Frame, cache: dict[Path, np.ndarray], rows: int, cols: int) -> n
         try:
             with _warnings.catch_warnings():
                 _warnings.simplefilter("ignore")
-                ds = pydicom.dcmread(fr.path, force=True)
+                ds = _dcmread(fr.path, force=True)
                 if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
                     raise InputError("has no pixel data", fr.path)
                 arr = ds.pixel_array
@@ -622,7 +680,7 @@ def _check_pixel_size(path: Path, h: Dataset, rows: int, cols: int, bits: int, n
     size = path.stat().st_size
     ts = getattr(getattr(h, "file_meta", None), "TransferSyntaxUID", None)
     try:
-        compressed = bool(ts) and bool(ts.is_compressed)
+        compressed = bool(ts) and (bool(ts.is_compressed) or bool(ts.is_deflated))  # deflate: any size
     except (AttributeError, ValueError):  # an unknown transfer syntax: no size can be promised
         compressed = True
     expected = rows * cols * n_frames * max(bits, 8) // 8 if bits != 1 else (rows * cols * n_frames + 7) // 8

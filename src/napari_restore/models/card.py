@@ -47,6 +47,21 @@ _KNOWN = {"format_version", "name", "version", "task", "modality", "dims", "arch
           "patch_size", "max_slice_spacing_mm", "self_ensemble", "training_data", "metrics", "description", "license", "created"}
 
 
+#: Bounds on a ``card.json``: a real card is a few KiB and nests 3 levels.
+MAX_CARD_BYTES = 1024 * 1024
+MAX_CARD_DEPTH = 32
+
+
+def _depth(data: Any) -> int:
+    """Nesting depth of parsed JSON (iterative: no recursion on hostile input)."""
+    deepest, todo = 0, [(data, 1)]
+    while todo:
+        value, d = todo.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, d)
+            todo.extend((v, d + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
 @dataclass
 class ModelCard:
     """A validated model card. ``path`` (the weights file) and ``source`` are not serialised."""
@@ -142,11 +157,17 @@ class ModelCard:
         """Read and validate a ``card.json``."""
         path = Path(path)
         try:
+            if path.stat().st_size > MAX_CARD_BYTES:
+                raise ModelError(f"model card is larger than {MAX_CARD_BYTES // 1024} KiB; refused", path)
             data = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ModelError("model card not found", path) from None
+        except RecursionError:
+            raise ModelError(f"model card nests deeper than {MAX_CARD_DEPTH} levels; refused", path) from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ModelError(f"model card is not readable JSON ({exc})", path) from None
+        if _depth(data) > MAX_CARD_DEPTH:
+            raise ModelError(f"model card nests deeper than {MAX_CARD_DEPTH} levels; refused", path)
         return cls.from_dict(data, path)
 
     def to_dict(self) -> dict[str, Any]:

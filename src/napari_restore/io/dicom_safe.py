@@ -1,0 +1,163 @@
+"""Bounded DICOM parsing: pydicom under limits that a hostile file cannot push past.
+
+Two attacks are stopped here, before they cost minutes or gigabytes:
+
+* a header of millions of elements or sequence items (pydicom parses every undefined-length
+  sequence, wanted or not): every parse reads through :class:`_Budget`, which refuses a file after
+  :data:`MAX_READS` reads (the largest real enhanced header here, 96 frames, needs about 20,000);
+* a deflate bomb (Deflated Explicit VR Little Endian that inflates to gigabytes): the data set is
+  inflated in chunks with ``zlib.decompressobj`` and refused beyond a bound derived from the
+  image size its header declares and the free memory (:func:`inflate_limit`).
+
+Everything else is pydicom's own reader (``read_preamble``, the file meta reader, ``read_dataset``).
+"""
+from __future__ import annotations
+
+import io
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset, FileDataset
+from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
+from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from ..errors import InputError
+
+#: Reads (element headers, values, items) one parse may make before the file is refused.
+MAX_READS = 100_000
+#: Inflated bytes allowed beyond the pixel data a deflated header declares (the rest of the header).
+HEADER_ALLOWANCE = 64 * 2**20
+_PREFIX = 4 * 2**20  # inflated bytes read first to learn the image size
+_CHUNK = 2**20
+_IMAGE_TAGS = [Tag(k) for k in ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames")]
+
+
+class TooComplex(Exception):
+    """Raised by :class:`_Budget` when a file needs more reads than :data:`MAX_READS`."""
+
+
+class _Budget:
+    """A file object that counts ``read`` calls and stops the parse beyond ``limit``."""
+
+    def __init__(self, fh: Any, limit: int = MAX_READS):
+        self._fh, self._left = fh, limit
+
+    def read(self, *args: Any) -> bytes:
+        self._left -= 1
+        if self._left < 0:
+            raise TooComplex()
+        return self._fh.read(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
+def dcmread(path: str | os.PathLike, *, stop_before_pixels: bool = False, force: bool = False,
+            specific_tags: list | None = None, defer_size: int | str | None = None) -> Dataset:
+    """``pydicom.dcmread`` of a file path, bounded in reads and in inflated size.
+
+    Raises:
+        InputError: too many elements/items, or a deflated data set larger than its bound.
+        Other pydicom errors propagate as from ``pydicom.dcmread``.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            if _is_deflated(fh, force):
+                return _read_deflated(path, fh, stop_before_pixels, force, specific_tags, defer_size)
+            fh.seek(0)
+            return pydicom.dcmread(_Budget(fh), defer_size=defer_size, stop_before_pixels=stop_before_pixels,
+                                   force=force, specific_tags=specific_tags)
+    except TooComplex:
+        raise InputError(f"the header holds more than {MAX_READS} elements or sequence items (a sequence "
+                         "bomb?); refused", path) from None
+
+
+def _is_deflated(fh: Any, force: bool) -> bool:
+    try:
+        read_preamble(fh, force)
+        meta = _read_file_meta_info(fh)
+    except Exception:  # noqa: BLE001 - not our call: pydicom.dcmread says what is wrong
+        return False
+    return meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+
+
+def inflate_limit(rows: int, cols: int, bits: int, samples: int, frames: int) -> int:
+    """Inflated bytes allowed: twice the declared pixel data plus :data:`HEADER_ALLOWANCE`,
+    never more than half the free memory."""
+    pixels = rows * cols * max(1, samples) * frames * max(bits, 8) // 8
+    limit = HEADER_ALLOWANCE + 2 * pixels
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        limit = min(limit, max(free // 2, HEADER_ALLOWANCE))
+    except (ValueError, OSError, AttributeError):
+        pass
+    return limit
+
+
+def _read_deflated(path: Path, fh: Any, stop_before_pixels: bool, force: bool, specific_tags: list | None,
+                   defer_size: Any) -> FileDataset:
+    """Inflate the data set after the file meta in chunks, within :func:`inflate_limit`."""
+    fh.seek(0)
+    preamble = read_preamble(fh, force)
+    meta = _read_file_meta_info(fh)
+    z = zlib.decompressobj(-zlib.MAX_WBITS)
+    out = io.BytesIO()
+    try:
+        _inflate(fh, z, out, _PREFIX)
+        image = _image_size(out.getvalue())
+        limit = inflate_limit(*image) if image else HEADER_ALLOWANCE
+        if out.tell() >= _PREFIX:
+            _inflate(fh, z, out, limit)
+    except zlib.error as exc:
+        raise InputError(f"corrupt deflated data set ({exc})", path) from None
+    if not z.eof and out.tell() >= limit:
+        what = (f"its header declares {image[0]}x{image[1]}x{image[4]} at {image[2]} bits" if image
+                else "no image size before it")
+        raise InputError(f"the deflated data set inflates to more than {limit / 2**20:.0f} MiB, far more than "
+                         f"{what} (a deflate bomb?); refused", path)
+    body = io.BytesIO(out.getbuffer())
+    del out
+    stop = (lambda tag, vr, length: tag >= 0x7FE00010) if stop_before_pixels else None
+    tags = [Tag(t) for t in specific_tags] if specific_tags else None
+    ds = read_dataset(_Budget(body), False, True, stop_when=stop, specific_tags=tags)
+    result = FileDataset(str(path), ds, preamble, meta, False, True)
+    result.set_original_encoding(False, True, ds._character_set)
+    return result
+
+
+def _inflate(fh: Any, z: Any, out: io.BytesIO, limit: int) -> None:
+    """Append inflated bytes to ``out`` until the stream ends or ``out`` holds ``limit`` bytes."""
+    pending = z.unconsumed_tail
+    while out.tell() < limit and not z.eof:
+        if not pending:
+            pending = fh.read(_CHUNK)
+            if not pending:
+                return
+        out.write(z.decompress(pending, min(_CHUNK, limit - out.tell())))
+        pending = z.unconsumed_tail
+
+
+def _image_size(prefix: bytes) -> tuple[int, int, int, int, int] | None:
+    """``(rows, cols, bits, samples, frames)`` from the first inflated bytes, or None."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = read_dataset(_Budget(io.BytesIO(prefix)), False, True, specific_tags=_IMAGE_TAGS,
+                              stop_when=lambda tag, vr, length: tag > 0x00280100)
+            rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+            samples, frames = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception:  # noqa: BLE001 - unknown image size: only the header allowance is granted
+        return None
+    if min(rows, cols, bits, samples, frames) < 1:
+        return None
+    return rows, cols, bits, samples, frames
+
+
+__all__ = ["dcmread", "inflate_limit", "MAX_READS", "HEADER_ALLOWANCE", "TooComplex"]
