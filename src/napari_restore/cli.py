@@ -77,6 +77,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from . import load, restore, save
 
     src = Path(args.input)
+    if str(args.input).startswith("pacs://"):  # retrieve into the cache first (resumable), then as a folder
+        from .pacs import fetch_source
+
+        bar, done = _progress_bar("retrieve", unit="inst")
+        try:
+            src = fetch_source(args.input, progress=bar).folder
+        finally:
+            done()
     volume = _pick_series(load(src), args.series, src)
     if args.modality and volume.modality == "OT":  # NIfTI/MHA do not say: the user does
         volume.modality = args.modality.upper()
@@ -103,9 +111,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
             kwargs.update(deidentify=deid, accept_burned_in=args.accept_burned_in)
     if args.resample_uniform:
         kwargs["resample"] = "uniform"
+    if args.send_to and not dicom_out:
+        raise InputError("--send-to needs a DICOM output (a folder, or --format dicom)", out)
     written = save(result, out, overwrite=args.overwrite, **kwargs)
     step = result.meta.get("provenance", [{}])[-1]
     print(f"wrote {written} ({step.get('model', args.task)}, {step.get('seconds', 0):.1f} s)")
+    if args.send_to:
+        from .pacs.cli import send_derived
+
+        return send_derived(args.send_to, written, via=args.send_via)
     return EXIT_OK
 
 
@@ -229,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("restore", help="restore one series or file and write the result",
                        description="Restore one series (a DICOM file or folder, NIfTI, MHA/NRRD) and write a NIfTI/"
                                    "MHA file or a derived DICOM series (a folder).")
-    r.add_argument("input", help="a DICOM file or folder (recursive), .nii/.nii.gz, .mha/.nrrd")
+    r.add_argument("input", help="a DICOM file or folder (recursive), .nii/.nii.gz, .mha/.nrrd, or "
+                   "pacs://SERVER/STUDY_UID/SERIES_UID (see `napari-restore pacs`)")
     r.add_argument("output", help="a .nii/.nii.gz/.mha/.nrrd file, or a folder for a derived DICOM series")
     r.add_argument("--task", choices=TASKS, default="denoise",
                    help="denoise, deblur, enhance (edge enhancement that does not amplify noise) or restore "
@@ -270,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "$NAPARI_RESTORE_DEID_KEY, else random per run)")
     r.add_argument("--deidentify-dates", choices=("remove", "shift"), default="remove",
                    help="remove dates (basic profile, default) or shift them back by a key-derived number of days")
+    r.add_argument("--send-to", default=None, metavar="SERVER", help="store the derived DICOM series on this "
+                   "configured PACS when it is written (with --deidentify: the de-identified series)")
+    r.add_argument("--send-via", choices=("store", "stow"), default=None, help="C-STORE or STOW-RS (default: C-STORE "
+                   "when the server has a DIMSE endpoint)")
     r.set_defaults(func=cmd_restore)
 
     i = sub.add_parser("info", help="version, compute device and installed models; or the series in INPUT")
@@ -346,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="as for restore (default: each model card's choice)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar (one line per series is still printed)")
     b.set_defaults(func=cmd_batch)
+
+    from .pacs.cli import add_pacs_parser
+
+    add_pacs_parser(sub)
     return p
 
 

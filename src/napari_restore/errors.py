@@ -41,3 +41,25 @@ class ModelError(RestoreError):
 
 class Cancelled(RestoreError):
     """The user cancelled a long run; nothing was written or returned."""
+
+
+class PacsError(RestoreError):
+    """A PACS (DIMSE or DICOMweb) operation failed: server down, association refused, timeout, HTTP error.
+
+    ``server`` names the configured server. Messages never carry credentials.
+    """
+
+    def __init__(self, message: str, server: str | None = None):
+        self.server = server
+        super().__init__(f"PACS {server!r}: {message}" if server else message)
+
+
+class PartialRetrieveError(PacsError):
+    """A retrieve delivered only part of a series; what arrived stays on disk for a resumed retrieve,
+    and is never opened as the complete series. ``received``/``expected`` count instances."""
+
+    def __init__(self, message: str, server: str | None = None, received: int = 0, expected: int = 0,
+                 folder: str | PathLike | None = None):
+        self.received, self.expected = received, expected
+        self.folder = None if folder is None else str(folder)
+        super().__init__(message, server)
