@@ -41,7 +41,9 @@ def client(server):
     url = server.url.rstrip("/")
     if server.tls and url.startswith("http://"):
         url = "https://" + url[len("http://"):]
-    return DICOMwebClient(url=url, session=session, timeout=server.timeout)
+    c = DICOMwebClient(url=url, session=session, timeout=server.timeout)
+    c.set_http_retry_params(max_attempts=3, wait_exponential_multiplier=250)  # 429/503/504: bounded, ~1 s in all
+    return c
 
 
 @contextlib.contextmanager
