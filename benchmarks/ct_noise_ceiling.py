@@ -25,22 +25,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 import napari_restore as nr
 from napari_restore.degrade import ct_lowdose_added_noise
+from napari_restore.metrics import flat_tissue
 
 REPO = Path(__file__).resolve().parents[1]
 SERIES = REPO.parent / "shared" / "data" / "ct" / "siemens-body-j2k"
 WINDOW = (-150.0, 250.0)  # W400 / L50, as in the evaluation
-
-
-def flat_tissue(ref_slice: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mask, local mean) of flat soft tissue in one slice (HU): -20 to 200 HU, gradient < 1.5 HU/px."""
-    local = ndi.gaussian_filter(ref_slice.astype(np.float64), 4)
-    grad = np.hypot(*np.gradient(local))
-    mask = ndi.binary_erosion((local > -20) & (local < 200) & (grad < 1.5), iterations=3)
-    return mask, local
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,25 +28,11 @@ from scipy import ndimage as ndi
 import napari_restore as nr
 from napari_restore.degrade import ct_lowdose_added_noise
 from napari_restore.metrics import edge_rise_distance
+from napari_restore.metrics import uniform_inserts as inserts
 
 REPO = Path(__file__).resolve().parents[1]
 SERIES = REPO.parent / "shared" / "data" / "ct" / "philips-head-phantom" / "exam" / "S2010"
 SLICES = (13, 14, 15)
-
-
-def inserts(slice_hu: np.ndarray) -> list[tuple[np.ndarray, tuple[float, float], float]]:
-    """Uniform inserts of a phantom slice: (inner mask, centre (y, x) px, radius px)."""
-    m = ndi.binary_opening((slice_hu > -20) & (slice_hu < 300), iterations=3)
-    lab, n = ndi.label(m)
-    out = []
-    for i in range(1, n + 1):
-        r = lab == i
-        area = int(r.sum())
-        inner = ndi.binary_erosion(r, iterations=4)
-        if 600 < area < 20000 and inner.any() and slice_hu[inner].std() < 5.0:
-            cy, cx = ndi.center_of_mass(r)
-            out.append((inner, (cy, cx), float(np.sqrt(area / np.pi))))
-    return out
 
 
 def radial_profile(img: np.ndarray, centre: tuple[float, float], radius: float, step: float = 0.25) -> np.ndarray:

@@ -213,13 +213,13 @@ def _nlm(img: np.ndarray, sigma: float, h: float) -> np.ndarray:
                             fast_mode=True).astype(np.float32)
 
 
-def _rl(img: np.ndarray, psf: np.ndarray, offset: float) -> np.ndarray:
+def _rl(img: np.ndarray, psf: np.ndarray, offset: float, num_iter: int = 20) -> np.ndarray:
     from skimage.restoration import richardson_lucy
 
     py, px = psf.shape[0], psf.shape[1]
     pad = ((py, py), (px, px))
     x = np.maximum(np.pad(img.astype(np.float64) + offset, pad, mode="reflect"), 0.0)
-    out = richardson_lucy(x, psf, num_iter=20, clip=False)
+    out = richardson_lucy(x, psf, num_iter=num_iter, clip=False)
     return (out[py:-py, px:-px] - offset).astype(np.float32)
 
 

@@ -179,6 +179,47 @@ def noise_sd_estimate(image: np.ndarray, mask: np.ndarray | None = None, *, meth
     return float(0.5 * (edges[i] + edges[i + 1]))
 
 
+def flat_tissue(ref_slice: np.ndarray, modality: str = "CT", smooth: float = 4.0,
+                erode: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """(mask, local mean) of flat tissue in one slice: where the image is its local mean plus noise.
+
+    CT (HU): local mean (Gaussian, ``smooth`` px) -20 to 200 HU (muscle, liver, spleen, kidney,
+    brain, phantom inserts) and its gradient below 1.5 HU/px. Other modalities: the foreground
+    (local mean above its Otsu threshold) where the local gradient lies in the lowest 30 % of the
+    foreground's. The mask is eroded by ``erode`` pixels.
+    """
+    local = ndi.gaussian_filter(np.asarray(ref_slice, dtype=np.float64), smooth)
+    grad = np.hypot(*np.gradient(local))
+    if modality == "CT":
+        mask = (local > -20) & (local < 200) & (grad < 1.5)
+    else:
+        from skimage.filters import threshold_otsu
+
+        fg = local > threshold_otsu(local) if np.ptp(local) > 0 else np.zeros(local.shape, bool)
+        mask = fg & (grad < np.percentile(grad[fg], 30)) if fg.any() else fg
+    return ndi.binary_erosion(mask, iterations=erode), local
+
+
+def uniform_inserts(slice_hu: np.ndarray, lo: float = -20.0, hi: float = 300.0, max_sd: float = 5.0
+                    ) -> list[tuple[np.ndarray, tuple[float, float], float]]:
+    """Uniform inserts of a CT phantom slice (HU): ``(inner mask, centre (y, x) px, radius px)``.
+
+    Connected regions between ``lo`` and ``hi`` HU of 600-20000 pixels whose interior (eroded by
+    4 pixels) has an SD below ``max_sd`` HU; the radius is that of a disk of the region's area.
+    """
+    m = ndi.binary_opening((slice_hu > lo) & (slice_hu < hi), iterations=3)
+    lab, n = ndi.label(m)
+    out = []
+    for i in range(1, n + 1):
+        r = lab == i
+        area = int(r.sum())
+        inner = ndi.binary_erosion(r, iterations=4)
+        if 600 < area < 20000 and inner.any() and slice_hu[inner].std() < max_sd:
+            cy, cx = ndi.center_of_mass(r)
+            out.append((inner, (cy, cx), float(np.sqrt(area / np.pi))))
+    return out
+
+
 def edge_rise_distance(profile: np.ndarray, spacing: float, *, plateau: float = 0.1) -> float:
     """10-90% rise distance (mm) of an edge profile.
 

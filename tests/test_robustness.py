@@ -1,0 +1,52 @@
+"""The condition matrix code (benchmarks/robustness.py) on a tiny fixed subset: 1 slice, 128x128 crops."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_restore import robustness as R
+
+
+@pytest.fixture(scope="module")
+def body_ct(shared_data):
+    return R.load_series(shared_data, "ct/siemens-body-j2k", "Siemens body")
+
+
+def test_ct_cells_rank_and_flag(body_ct):
+    # a sharp kernel at 10 % dose: oracle NLM must beat the noisy input by a wide margin
+    hard = R.denoise_cell(body_ct, {"filter": "ramp", "dose": 0.10, "pixel_mm": None}, methods=("input", "nlm"),
+                          slices=1, crop=128)
+    assert hard.sigma > 2 * hard.ref_sd > 0  # far more added noise than the reference carries
+    assert not hard.reference_limited
+    assert hard.gain("nlm") > 4.0
+    assert len(hard.scores["nlm"]["slice_psnr"]) == 1
+    # a mild cell (80 % dose, smooth kernel): the added noise is below the reference's own: flagged
+    mild = R.denoise_cell(body_ct, {"filter": "cosine", "dose": 0.8, "pixel_mm": None}, methods=("input", "nlm"),
+                          slices=1, crop=128)
+    assert mild.sigma < mild.ref_sd
+    assert mild.reference_limited
+    assert mild.to_dict()["reference_limited"] is True
+
+
+def test_pixel_resampling_and_held_out(body_ct):
+    block = body_ct.volume.array[9:10]
+    out, px = R.resample_block(block, body_ct.volume.spacing[2], 0.5)
+    assert px == pytest.approx(0.5, rel=0.02)
+    assert out.shape[1] > block.shape[1] * 0.98 / 0.5 * 0.5  # cropped to the body, then upsampled
+    from napari_restore import list_models
+
+    card = next(c for c in list_models() if c.name == "denoise-ct")
+    assert R.seen_by(card, "ct/philips-head-phantom/exam/S2010")
+    assert not R.seen_by(card, "ct/siemens-body-j2k")
+
+
+def test_low_contrast_measures():
+    rng = np.random.default_rng(0)
+    disk = R.disk_image((64, 64), (32.0, 32.0), 10.0)
+    noise = 5.0 * rng.standard_normal((64, 64))
+    kept, cnr = R.contrast_and_cnr(noise + 7.0 * disk, noise, disk, 7.0, 4.0)
+    assert kept == pytest.approx(1.0)  # the input keeps all of the inserted contrast
+    assert 1.0 < cnr < 2.0  # about 7 / 5
+    centres = R.place_disks(np.ones((64, 64), bool), [10.0, 4.0], 3.0)
+    assert all(c is not None for c in centres)
+    assert np.hypot(centres[0][0] - centres[1][0], centres[0][1] - centres[1][1]) > 7 + 3
