@@ -50,6 +50,8 @@ class Row:
     new_warnings: list[str] = field(default_factory=list)
     files: int = 0
     note: str = ""
+    folder: Path | None = None
+    positions: np.ndarray | None = None  # LPS mm of every source slice, as the export must place them
 
 
 def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
@@ -141,7 +143,7 @@ def check_all(shared: Path, tmp: Path) -> list[Row]:
                     rows.append(row)
                     continue
                 files = sorted(out.glob("*.dcm"))
-                row.files = len(files)
+                row.files, row.folder, row.positions = len(files), out, vol.slice_positions
                 for f in {files[0], files[len(files) // 2], files[-1]}:
                     errors, warns = dciodvfy(f)
                     row.errors += errors
