@@ -240,6 +240,7 @@ class _Step:
     learned: bool = True
     normalizer: Normalizer | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    card: Any = None  # the ModelCard of a learned step (for the trusted-range guard)
 
 
 class _Runner:
@@ -473,8 +474,10 @@ def _step_from_model(task: str, model: Any, modality: str, mode: str, device: to
         warn.append(f"the volume's modality is {modality!r}; model {card.name!r} assumes {card.modality} intensities")
     n = card.self_ensemble if ensemble is None else int(ensemble)
     net = prepare_for_inference(loaded.network).cpu()
-    return _Step(task, card.name, card.version, SelfEnsemble(net, n) if n > 1 else net, card.intensity, card.dims,
+    step = _Step(task, card.name, card.version, SelfEnsemble(net, n) if n > 1 else net, card.intensity, card.dims,
                  card.patch_size, True, info={"self_ensemble": n} if n > 1 else {})
+    step.card = card
+    return step
 
 
 def _resolve_steps(task: str, model: Any, volume: Volume, mode: str, device: torch.device,
@@ -587,6 +590,7 @@ def restore(volume: Volume, task: str = "denoise", model: Any = None, mode: str 
     dev = resolve_device(device)
     warn: list[str] = []
     steps, skipped = _resolve_steps(task, model, volume, mode, dev, warn, ensemble)
+    _guard(volume, steps, warn)
 
     arr = volume.array
     frames = arr if arr.ndim == 4 else arr[None]
@@ -660,6 +664,18 @@ def restore(volume: Volume, task: str = "denoise", model: Any = None, mode: str 
     if warn:
         result.meta["warnings"] = list(volume.meta.get("warnings", [])) + warn
     return result
+
+
+def _guard(volume: Volume, steps: list[_Step], warn: list[str]) -> None:
+    """Warn when the input lies outside a model's trusted range (see :mod:`napari_restore.guard`)."""
+    from .guard import check_trusted_range, measure
+
+    cards = [s.card for s in steps if s.card is not None and getattr(s.card, "trusted_range", None)]
+    if not cards:
+        return
+    measured = measure(volume)
+    for card in cards:
+        warn.extend(w for w in check_trusted_range(volume, card, measured) if w not in warn)
 
 
 def _largest_step(volume: Volume) -> float:

@@ -908,6 +908,8 @@ class RestoreWidget(QWidget):
             self.last_output = self._add_or_update(data, lk)  # a re-run replaces its own earlier output
             prov = lk["metadata"][L.LAYER_META_KEY]["provenance"]
             msg = f"{name}: {prov.get('model')} on {prov.get('device')} in {prov.get('seconds', 0):.1f} s"
+            if prov.get("warnings"):
+                msg += f" · warning: {prov['warnings'][0]}"
             self.status_label.setText(msg)
             self.progress_bar.setFormat("Done · " + format_eta(job.elapsed()))
             self.viewer.layers.selection.active = layer

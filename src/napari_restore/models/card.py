@@ -22,6 +22,9 @@ Schema (``card.json``, format_version 1; unknown keys are kept in ``extra``)::
                                           # prefers it there and never picks it for thicker slices)
       "self_ensemble": 8,                 # optional (default 1): run the network on 1, 2, 4 or 8 in-plane
                                           # flips/rotations of each input and average (n times the time)
+      "trusted_range": {"pixel_mm": [0.4, 1.0], "noise_sd_hu": [2, 150], "kernels": ["ramp", "hann"]},
+                                          # optional: the inputs it was trained and tested on (napari_restore.guard);
+                                          # restore() warns outside them
       "training_data": ["..."],           # str or list of str: what it was trained on (+ licences)
       "metrics": {"psnr_gain_db": 0.7},   # free-form dict of numbers measured on held-out data
       "description": "...", "license": "...", "created": "2025-01-01T00:00:00Z"   # optional
@@ -44,7 +47,7 @@ ENSEMBLE_SIZES = (1, 2, 4, 8)  # self_ensemble: in-plane flips/rotations average
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _KNOWN = {"format_version", "name", "version", "task", "modality", "dims", "architecture", "intensity",
-          "patch_size", "max_slice_spacing_mm", "self_ensemble", "training_data", "metrics", "description", "license", "created"}
+          "patch_size", "max_slice_spacing_mm", "self_ensemble", "trusted_range", "training_data", "metrics", "description", "license", "created"}
 
 
 #: Bounds on a ``card.json``: a real card is a few KiB and nests 3 levels.
@@ -81,6 +84,7 @@ class ModelCard:
     patch_size: list[int] | None = None
     max_slice_spacing_mm: float | None = None
     self_ensemble: int = 1
+    trusted_range: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     path: Path | None = field(default=None, compare=False, repr=False)
@@ -139,6 +143,12 @@ class ModelCard:
         ensemble = data.get("self_ensemble", 1)
         if isinstance(ensemble, bool) or ensemble not in ENSEMBLE_SIZES:
             raise bad(f"self_ensemble must be one of {ENSEMBLE_SIZES}, got {ensemble!r}")
+        from ..guard import validate_range
+
+        try:
+            trusted = validate_range(data.get("trusted_range", {}))
+        except ValueError as exc:
+            raise bad(str(exc)) from None
         metrics = data.get("metrics", {})
         if not isinstance(metrics, dict):
             raise bad("metrics must be a JSON object")
@@ -149,6 +159,7 @@ class ModelCard:
             description=str(data.get("description", "")), license=str(data.get("license", "")),
             created=str(data.get("created", "")), patch_size=patch,
             max_slice_spacing_mm=None if spacing is None else float(spacing), self_ensemble=int(ensemble),
+            trusted_range=trusted,
             extra={k: v for k, v in data.items() if k not in _KNOWN},
         )
 
@@ -185,6 +196,8 @@ class ModelCard:
             out["max_slice_spacing_mm"] = self.max_slice_spacing_mm
         if self.self_ensemble != 1:
             out["self_ensemble"] = self.self_ensemble
+        if self.trusted_range:
+            out["trusted_range"] = self.trusted_range
         out.update(self.extra)
         return out
 

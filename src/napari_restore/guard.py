@@ -1,0 +1,98 @@
+"""Do-no-harm guard: does the input lie inside the range a model was trained and tested on?
+
+A model card may carry ``trusted_range`` (see :data:`RANGE_KEYS`); :func:`check_trusted_range`
+measures the input (in-plane pixel size, slice thickness, noise level) and returns one warning per
+measure that falls outside, naming the model, the measured value and the range. ``restore()`` adds
+them to the result's ``meta["warnings"]``, which the CLI prints, the widget shows and the batch
+manifest records. A warning is not a refusal: the user decides.
+
+Noise is measured as in :func:`napari_restore.metrics.noise_sd_estimate` (mode of local SDs): CT
+in soft tissue (0-100 HU, in HU), MR relative to the foreground mean.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .volume import Volume
+
+#: trusted_range keys: [low, high] numbers, except ``kernels`` (names, informational)
+RANGE_KEYS = {
+    "pixel_mm": "in-plane pixel size (mm)",
+    "slice_thickness_mm": "slice thickness (mm)",
+    "noise_sd_hu": "noise SD in soft tissue (HU)",
+    "noise_fraction": "noise SD relative to the tissue signal",
+    "fwhm_voxels": "blur FWHM (voxels)",
+}
+#: a measure this much beyond a bound still counts as inside (estimation error)
+SLACK = 0.15
+
+
+def validate_range(value: Any) -> dict[str, Any]:
+    """Check a card's ``trusted_range``; raises ``ValueError`` naming the bad key."""
+    if not isinstance(value, dict):
+        raise ValueError("trusted_range must be a JSON object")
+    for key, v in value.items():
+        if key == "kernels":
+            if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                raise ValueError("trusted_range.kernels must be a list of names")
+            continue
+        if key == "note":
+            continue
+        if key not in RANGE_KEYS:
+            raise ValueError(f"trusted_range: unknown key {key!r} (known: {sorted(RANGE_KEYS)}, kernels, note)")
+        if (not isinstance(v, list) or len(v) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                               for x in v) or not v[0] <= v[1]):
+            raise ValueError(f"trusted_range.{key} must be [low, high] with low <= high, got {v!r}")
+    return dict(value)
+
+
+def measure(volume: Volume, max_slices: int = 5) -> dict[str, float]:
+    """Pixel size, slice thickness and noise level of ``volume`` (a few middle slices)."""
+    from .metrics import noise_sd_estimate
+
+    arr = volume.array if volume.array.ndim == 3 else volume.array[0]
+    nz = arr.shape[0]
+    idx = np.unique(np.linspace(nz * 0.25, nz * 0.75, min(max_slices, nz)).astype(int).clip(0, nz - 1))
+    sub = arr[idx].astype(np.float32)
+    out: dict[str, float] = {"pixel_mm": float(min(volume.spacing[1:]))}
+    thick = volume.meta.get("slice_thickness") if volume.meta else None
+    out["slice_thickness_mm"] = float(thick) if thick else float(volume.slice_distance)
+    from scipy import ndimage as ndi
+
+    from .errors import InputError
+
+    smooth = ndi.gaussian_filter(sub, (0, 2, 2))  # the tissue mask must not follow the noise
+    try:
+        if volume.modality == "CT":
+            mask = (smooth > 0) & (smooth < 100)
+            if mask.sum() > 2000:
+                out["noise_sd_hu"] = float(noise_sd_estimate(sub, mask))
+        else:
+            fg = smooth > np.percentile(smooth, 70)
+            mean = float(smooth[fg].mean()) if fg.any() else 0.0
+            if mean > 0:
+                out["noise_fraction"] = float(noise_sd_estimate(sub, fg)) / mean
+    except InputError:  # too little flat tissue to measure: no noise figure, no warning
+        pass
+    return out
+
+
+def check_trusted_range(volume: Volume, card: Any, measured: dict[str, float] | None = None) -> list[str]:
+    """Warnings for every measure of ``volume`` outside ``card``'s ``trusted_range``."""
+    rng = getattr(card, "trusted_range", None) or {}
+    if not rng:
+        return []
+    m = measured if measured is not None else measure(volume)
+    notes = []
+    for key, label in RANGE_KEYS.items():
+        if key not in rng or key not in m:
+            continue
+        lo, hi = (float(v) for v in rng[key])
+        v = m[key]
+        if v < lo * (1 - SLACK) or v > hi * (1 + SLACK):
+            notes.append(f"{card.name}: the input's {label} is {v:.3g}, outside the range it was trained and "
+                         f"tested on ({lo:g}-{hi:g}); check the result against the input "
+                         "(docs/robustness.md shows where each model can be trusted)")
+    return notes
