@@ -180,3 +180,19 @@ def test_reformatted_views_keep_superior_up(make_napari_viewer, shared_data):
     assert "up" in str(viewer.camera.orientation2d[0]).lower()
     viewer.dims.order = (0, 1, 2)
     assert "down" in str(viewer.camera.orientation2d[0]).lower()
+
+
+def test_batch_manifest_records_geometry_notes(irregular, tmp_path):
+    import csv
+
+    out = tmp_path / "batch"
+    r = subprocess.run([sys.executable, "-m", "napari_restore.cli", "batch", str(irregular[0].parent), str(out),
+                        "--model", "denoise-ct", "--device", "cpu", "--no-progress", "--pool", "thread"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert len(rows) == 1
+    assert "non-uniform slice spacing" in rows[0]["warnings"] and "DUPLICATE.dcm" in rows[0]["warnings"]
+    exported = slices_by_position(next(p for p in out.rglob("*") if p.is_dir() and any(p.glob("*.dcm"))))
+    np.testing.assert_allclose([d - exported[0][0] for d, _ in exported], np.array(irregular[1]) - irregular[1][0],
+                               atol=0.01)
