@@ -96,6 +96,10 @@ def main(argv=None) -> int:
                     help="comma-separated subset of ct, mr, deblur, real, lowcontrast")
     ap.add_argument("--lc-seeds", type=int, default=2, help="noise draws per dose for the low-contrast disks")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (each runs whole series)")
+    ap.add_argument("--cache", type=Path, default=REPO / "outputs" / "robustness_cache",
+                    help="folder of finished pieces of work (a rerun with the same settings reuses them)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="report what the cache holds and compute nothing (a partial report of a cut run)")
     ap.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "robustness.md")
     ap.add_argument("--replot", type=Path, default=None,
@@ -155,7 +159,14 @@ def main(argv=None) -> int:
     else:
         results = [run_unit(u) for u in units]
     real_rows, lc_rows = [], []
+    missing = [u for u, res in zip(units, results) if res is None]
+    if missing:
+        inputs["NOT MEASURED (the run was cut; rerun the same command to complete it)"] = [
+            " ".join(str(x) for x in (u[0], u[3] if len(u) > 3 else u[1:], u[5] if len(u) > 5 else "") if x != "")
+            for u in missing]
     for u, res in zip(units, results):
+        if res is None:
+            continue
         if u[0] in cells:
             cells[u[0]] += res
         elif u[0] == "real":
@@ -184,11 +195,32 @@ _CTX: tuple = ()
 
 
 def run_unit(unit: tuple):
-    """One piece of work (a series of a matrix, the real scans of one series, the low-contrast study)."""
+    """One piece of work, cached in ``--cache`` so that an interrupted run resumes where it stopped."""
+    import hashlib
+
     import torch
 
     torch.set_num_threads(1)
     models, args, out_dir = _CTX
+    key = json.dumps([list(unit), args.slices, args.crop, args.lc_seeds, R.CT_N_VIEWS_MAX, list(args.baselines),
+                      [(m.card.name, m.card.version, str(m.card.path)) for m in models]], default=str)
+    cache = args.cache / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json") if args.cache else None
+    if cache is not None and cache.is_file():
+        res = json.loads(cache.read_text(encoding="utf-8"))
+        log(f"  [cached] {unit}")
+        return [R.Cell.from_dict(c) for c in res] if unit[0] in ("ct", "mr", "deblur") else res
+    if args.cached_only:
+        log(f"  [missing] {unit}: not in the cache (--cached-only)")
+        return None
+    res = _run_unit(unit, models, args, out_dir)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        data = [c.to_dict() for c in res] if unit[0] in ("ct", "mr", "deblur") else res
+        cache.write_text(json.dumps(data), encoding="utf-8")
+    return res
+
+
+def _run_unit(unit: tuple, models, args, out_dir):
     if unit[0] in ("ct", "mr", "deblur"):
         key, task, mod, rel, label, px = unit
         s = R.load_series(args.data, rel, label)

@@ -38,7 +38,7 @@ MR_SIGMAS = (0.02, 0.05, 0.10)
 BLUR_FWHM = (1.0, 2.0, 3.0)
 BLUR_NOISE = (0.0025, 0.01, 0.02)
 RL_ITERATIONS = (10, 20, 50)
-CT_N_VIEWS_MAX = 512  # views of the projection simulation (texture only; keeps 0.5 mm grids affordable)
+CT_N_VIEWS_MAX = 320  # views of the projection simulation (texture only, not the level; keeps it affordable)
 
 #: Real series of ../shared/data (relative paths) for the matrix: (path, label). A series a model
 #: trained on is measured but its cell does not count for that model (see :func:`seen_by`).
