@@ -196,3 +196,17 @@ def test_batch_manifest_records_geometry_notes(irregular, tmp_path):
     exported = slices_by_position(next(p for p in out.rglob("*") if p.is_dir() and any(p.glob("*.dcm"))))
     np.testing.assert_allclose([d - exported[0][0] for d, _ in exported], np.array(irregular[1]) - irregular[1][0],
                                atol=0.01)
+
+
+def test_cli_deidentified_export_is_named_safely(shared_data, tmp_path):
+    exe = [sys.executable, "-m", "napari_restore.cli", "restore", str(shared_data / "ct/philips-head-phantom/exam/S2010")]
+    r = subprocess.run(exe + [str(tmp_path / "a"), "--model", "denoise-ct", "--device", "cpu", "--deidentify"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    ds = pydicom.dcmread(sorted((tmp_path / "a").iterdir())[0], stop_before_pixels=True)
+    assert ds.SeriesDescription == "denoise denoise-ct, de-identified"
+    r = subprocess.run(exe + [str(tmp_path / "b"), "--model", "denoise-ct", "--device", "cpu", "--deidentify",
+                              "--deidentify-keep-description"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    ds = pydicom.dcmread(sorted((tmp_path / "b").iterdir())[0], stop_before_pixels=True)
+    assert ds.SeriesDescription.startswith("STD BRAIN 5MM")

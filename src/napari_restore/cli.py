@@ -108,7 +108,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if dicom_out:
         kwargs = {"format": "dicom", "series_description": args.series_description, "modality": args.modality.upper() if args.modality else None}
         if deid is not None:
-            kwargs.update(deidentify=deid, accept_burned_in=args.accept_burned_in)
+            kwargs.update(deidentify=deid, accept_burned_in=args.accept_burned_in,
+                          keep_description=args.deidentify_keep_description)
     if args.resample_uniform:
         kwargs["resample"] = "uniform"
     if args.send_to and not dicom_out:

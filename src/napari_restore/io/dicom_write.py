@@ -175,9 +175,10 @@ def write_dicom_series(volume: Volume, folder: str | os.PathLike, *, overwrite: 
     series_uid = pydicom.uid.generate_uid()
     base = _series_template(volume, header, mod, geometry, slope, intercept, date, time, series_uid,
                             series_description, derivation, window)
-    deid_description = None
-    if deid is not None and not keep_description:
-        deid_description = series_description or safe_deidentified_description(meta)
+    deid_description = None  # the basic profile removes SeriesDescription: name the series again
+    if deid is not None:
+        deid_description = (str(base.get("SeriesDescription", "")) if keep_description
+                            else series_description or safe_deidentified_description(meta))
     study_id_dummy = deid.pseudonym("StudyID:" + str(base.get("StudyInstanceUID", ""))) if deid is not None else None
     sops = meta.get("source_sops") or []
     source_series = meta.get("series_uid") or (getattr(header, "SeriesInstanceUID", None) if header is not None else None)
