@@ -279,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--deidentify", action="store_true",
                    help="DICOM output: apply the DICOM PS3.15 Annex E basic confidentiality profile (new UIDs, "
                         "no names/IDs/dates, no private tags); NIfTI/MHA/NRRD outputs carry no patient attributes")
+    r.add_argument("--deidentify-keep-description", action="store_true",
+                   help="with --deidentify: keep the source's SeriesDescription (PS3.15 Clean Descriptors Option: you "
+                        "vouch it identifies no one); default: the series is named by its steps and models")
     r.add_argument("--accept-burned-in", action="store_true",
                    help="with --deidentify: export even if the source says BurnedInAnnotation=YES")
     r.add_argument("--deidentify-key", default=None,
