@@ -6,24 +6,33 @@ small DICOM folders, a DICOMDIR, NIfTI, MHA/NRRD made from a NIfTI, and a model 
 here). Each input is one seeded mutation of one seed: byte-level (truncation, bit flips, zeroed
 blocks, garbage appended) or structural (contradictory or dropped DICOM tags, hostile NIfTI/MHA/NRRD
 header fields, a pickle payload as weights, a truncated state dict, a card naming an unknown
-architecture, a DICOMDIR pointing at missing files).
+architecture, a DICOMDIR pointing at missing files, a card.json nesting bomb), or one of the
+families of :mod:`fuzz_families` (VR and length corruption, wide and deep sequence bombs, 2 GiB
+deflate bombs, DICOMDIR traversal, symlink loops and FIFOs, broken geometry across a folder, mixed
+folders, transfer-syntax lies, NIfTI-2 with absurd dimensions).
 
-Every input runs in a worker process under a memory cap (``RLIMIT_AS``), so an allocation a header
-tricked us into shows up as a crash instead of swapping the machine. Outcomes:
+Every input runs in its own child process (forked from a warm worker) under a memory cap
+(``RLIMIT_AS``) and a time limit (``SIGALRM``), so an allocation a header tricked us into shows up
+as a crash instead of swapping the machine. The child measures its own wall time and peak memory
+(``VmHWM`` after a reset, less the memory it started with). Outcomes:
 
 * ``read``: ``load``/``load_model`` returned, every Volume float32 3-/4-D, finite voxels, finite
-  non-singular affine;
+  non-singular affine, and read from inside the input (else a path escape is counted);
 * ``refused``: our error type (:class:`InputError`/:class:`ModelError`) whose message names the
   file or folder;
-* ``crash``: any other exception, a worker killed by a signal, non-finite voxels handed on, or a
+* ``crash``: any other exception, a process killed by a signal, non-finite voxels handed on, or a
   refusal that does not name the input;
 * ``hang``: more than ``--timeout`` seconds (10 s) for one input.
 
+The run ends with a Markdown table by family: inputs, outcomes, the slowest input, the largest
+peak memory, and the inputs whose peak exceeded twice the image they produced plus
+``PEAK_ALLOWANCE_MIB`` (the interpreter's and the parser's own working memory).
+
 Usage::
 
-    python scripts/fuzz.py --n 10000 --seed 0 --workers 2 --log fuzz.jsonl
+    python scripts/fuzz.py --n 10000 --seed 0 --workers 2 --log fuzz.jsonl [--max-minutes 30]
 
-Exit status 0 when there are no crashes and no hangs.
+Exit status 0 when there are no crashes, no hangs and no path escapes.
 """
 from __future__ import annotations
 
@@ -78,8 +87,12 @@ NIFTI_FILES = [
     "ct/nifti/example_ct_sm.nii.gz",
 ]
 
-KINDS = ("dicom-file", "dicom-folder", "dicomdir", "nifti", "sitk", "model")
-WEIGHTS = {"dicom-file": 45, "dicom-folder": 15, "dicomdir": 5, "nifti": 15, "sitk": 10, "model": 10}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fuzz_families as families  # noqa: E402
+
+KINDS = ("dicom-file", "dicom-folder", "dicomdir", "nifti", "sitk", "model", *families.FAMILIES)
+WEIGHTS = {"dicom-file": 45, "dicom-folder": 15, "dicomdir": 5, "nifti": 15, "sitk": 10, "model": 10,
+           **families.FAMILIES}
 
 
 # ============================================================================ seeds
@@ -93,9 +106,10 @@ class Seeds:
     nifti: list[Path]
     sitk: list[Path]
     model: Path
+    extra: dict = None  # seeds of the new families built once (the 2 GiB deflate bombs)
 
 
-def prepare_seeds(workdir: Path) -> Seeds:
+def prepare_seeds(workdir: Path, bomb_bytes: int = 2**31 - 2) -> Seeds:
     """Check the shared files exist and build the derived seeds (DICOMDIR, .nii, MHA/NRRD, model)."""
     missing = [p for p in DICOM_FILES + DICOM_FOLDERS + NIFTI_FILES if not (SHARED / p).exists()]
     if missing:
@@ -139,8 +153,9 @@ def prepare_seeds(workdir: Path) -> Seeds:
     save_model(net, {"format_version": 1, "name": "fuzz-seed", "version": "0.0.1", "task": "denoise",
                      "modality": "CT", "intensity": {"kind": "ct", "center": 0.0, "scale": 512.0,
                                                       "clip": [-1024, 3071]}}, model)
+    extra = families.prepare(seeds_dir, SHARED / DICOM_FILES[9], bomb_bytes)
     return Seeds([SHARED / p for p in DICOM_FILES], [SHARED / p for p in DICOM_FOLDERS], dd,
-                 [SHARED / p for p in NIFTI_FILES] + [nii], [mha, nrrd], model)
+                 [SHARED / p for p in NIFTI_FILES] + [nii], [mha, nrrd], model, extra)
 
 
 # ============================================================================ byte mutations
@@ -394,6 +409,7 @@ def mutate_model(model: Path, target: Path, rng: random.Random) -> str:
     shutil.copytree(model, target)
     weights, card = target / "model.pt", target / "card.json"
     op = rng.choice(["pickle", "pickle-in-zip", "truncate", "bytes", "unknown-arch", "card-json", "card-field",
+                     "card-nest",
                      "nan-weights", "missing-key", "extra-key", "wrong-shape", "not-a-dict", "missing-weights"])
     if op == "pickle":
         weights.write_bytes(pickle.dumps({"w": _Payload(str(target / "PWNED"))}))
@@ -410,6 +426,10 @@ def mutate_model(model: Path, target: Path, rng: random.Random) -> str:
         c = json.loads(card.read_text())
         c["architecture"]["name"] = rng.choice(["EvilNet", "os.system", "__import__", "", "torch.nn.Module"])
         card.write_text(json.dumps(c))
+    elif op == "card-nest":  # a JSON nesting bomb beside valid weights
+        n = rng.choice([1000, 200_000])
+        card.write_text("[" * n + "]" * n)
+        op += f" {n}"
     elif op == "card-json":
         data, note = mutate_bytes(card.read_bytes(), rng)
         card.write_bytes(data)
@@ -447,6 +467,9 @@ def make_input(index: int, seed: int, seeds: Seeds, outdir: Path) -> tuple[str, 
     rng = random.Random(f"{seed}:{index}")
     kind = rng.choices(KINDS, weights=[WEIGHTS[k] for k in KINDS])[0]
     outdir.mkdir(parents=True, exist_ok=True)
+    if kind in families.FAMILIES:
+        path, desc = families.make(kind, rng, seeds, seeds.extra, outdir)
+        return kind, path, desc
     if kind == "dicom-file":
         src = rng.choice(seeds.dicom_files)
         if rng.random() < 0.5:
@@ -553,7 +576,12 @@ def run_one(kind: str, path: str) -> dict:
         problem = _check_volumes(volumes)
         if problem:
             return {"outcome": "crash", "detail": problem}
-        return {"outcome": "read", "detail": f"{len(volumes)} volume(s) {volumes[0].array.shape}"}
+        root = (p.parent if p.is_file() else p).resolve()
+        escaped = [v.meta.get("source_path") for v in volumes
+                   if not Path(str(v.meta.get("source_path", root))).resolve().is_relative_to(root)]
+        return {"outcome": "read", "detail": f"{len(volumes)} volume(s) {volumes[0].array.shape}",
+                "declared": int(sum(v.array.nbytes for v in volumes)), "escapes": len(escaped),
+                **({"escaped": [str(e) for e in escaped]} if escaped else {})}
     except (InputError, ModelError) as exc:
         if (p / "PWNED").exists():
             return {"outcome": "crash", "detail": "pickle payload executed"}
@@ -575,16 +603,75 @@ def _worker(conn) -> None:
     import napari_restore.io.nifti  # noqa: F401
     import napari_restore.models  # noqa: F401
     import napari_restore.networks  # noqa: F401
+    import nibabel  # noqa: F401
+    import SimpleITK  # noqa: F401
+    import pydicom.fileset  # noqa: F401
 
-    import torch
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"  # no thread pool: forks stay safe
+    import torch  # noqa: F401
 
-    torch.set_num_threads(1)  # two workers on a small machine: no thread oversubscription
+    from napari_restore.networks import build_network  # warm MONAI too: a cold import costs seconds per input
+
+    build_network("ResidualUNet", {"spatial_dims": 2, "channels": [4, 8], "strides": [2], "num_res_units": 0})
+
     conn.send("ready")
     while True:
         msg = conn.recv()
         if msg is None:
             return
-        conn.send(run_one(*msg))
+        conn.send(run_isolated(*msg))
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def run_isolated(kind: str, path: str, timeout: float) -> dict:
+    """``run_one`` in a forked child under a memory cap and a time limit (SIGALRM), with its peak
+    memory (VmHWM after a reset, minus the RSS it started with) and its own wall time."""
+    import resource
+    import signal
+
+    rfd, wfd = os.pipe()
+    t0 = time.time()
+    pid = os.fork()
+    if pid == 0:  # the child: one input, then exit
+        os.close(rfd)
+        try:
+            signal.alarm(max(1, int(timeout + 0.999)))
+            resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("5")  # reset the peak RSS
+            import torch
+
+            torch.set_num_threads(1)  # two workers on a small machine: no thread oversubscription
+            base = _status_kib("VmRSS")
+            t1 = time.time()
+            result = run_one(kind, path)
+            result["seconds"] = round(time.time() - t1, 3)
+            result["peak_mib"] = round(max(0, _status_kib("VmHWM") - base) / 1024, 1)
+            os.write(wfd, json.dumps(result).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    chunks = []
+    while True:
+        b = os.read(rfd, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(rfd)
+    _, status = os.waitpid(pid, 0)
+    elapsed = round(time.time() - t0, 3)
+    if chunks:
+        return json.loads(b"".join(chunks))
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGALRM:
+        return {"outcome": "hang", "detail": f"no answer after {timeout:.0f} s", "seconds": elapsed}
+    return {"outcome": "crash", "detail": f"input process died (status {status})", "seconds": elapsed}
 
 
 class Worker:
@@ -619,7 +706,8 @@ class Worker:
 
 
 def run_campaign(n: int, seed: int = 0, workers: int = 2, timeout: float = 10.0, workdir: Path | None = None,
-                 log=None, start: int = 0, verbose: bool = False) -> Counter:
+                 log=None, start: int = 0, verbose: bool = False, stats: dict | None = None,
+                 max_seconds: float | None = None, bomb_bytes: int = 2**31 - 2) -> Counter:
     """Run ``n`` mutated inputs (indices ``start..start+n-1``); returns the outcome counts.
 
     Every record (index, kind, description, outcome, detail, seconds) is written to ``log`` (a
@@ -627,7 +715,7 @@ def run_campaign(n: int, seed: int = 0, workers: int = 2, timeout: float = 10.0,
     """
     own = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="nr-fuzz-")) if own else Path(workdir)
-    seeds = prepare_seeds(workdir)
+    seeds = prepare_seeds(workdir, bomb_bytes)
     ctx = mp.get_context("forkserver") if sys.platform.startswith("linux") else mp.get_context("spawn")
     pool = [Worker(ctx) for _ in range(workers)]
     counts: Counter = Counter()
@@ -640,13 +728,22 @@ def run_campaign(n: int, seed: int = 0, workers: int = 2, timeout: float = 10.0,
                 if slot in busy:
                     continue
                 index = next(todo, None)
+                if max_seconds is not None and time.time() - t_start > max_seconds:
+                    index = None  # out of time: finish what runs, start nothing new
                 if index is None:
                     break
                 folder = workdir / f"in{slot}"
                 if folder.exists():
                     shutil.rmtree(folder)
-                kind, path, desc = make_input(index, seed, seeds, folder)
-                w.conn.send((kind, str(path)))
+                try:
+                    kind, path, desc = make_input(index, seed, seeds, folder)
+                except Exception as exc:  # noqa: BLE001 - a builder bug must not end a long campaign
+                    counts["build-error"] += 1
+                    if log is not None:
+                        log.write(json.dumps({"index": index, "outcome": "build-error",
+                                              "detail": f"{type(exc).__name__}: {exc}"[:300]}) + "\n")
+                    continue
+                w.conn.send((kind, str(path), timeout))
                 busy[slot] = (index, kind, desc, time.time(), folder)
             if not busy:
                 break
@@ -665,13 +762,18 @@ def run_campaign(n: int, seed: int = 0, workers: int = 2, timeout: float = 10.0,
                 if result is None and not w.proc.is_alive():
                     result = {"outcome": "crash", "detail": f"worker died (exit code {w.proc.exitcode})"}
                     w.restart()
-                elif result is None and now - t0 > timeout:
+                elif result is None and now - t0 > 3 * timeout + 10:  # the input's own alarm failed
                     result = {"outcome": "hang", "detail": f"no answer after {timeout:.0f} s"}
                     w.restart()
                 if result is None:
                     continue
                 del busy[slot]
-                result.update(index=index, kind=kind, input=desc, seconds=round(now - t0, 3))
+                result.setdefault("seconds", round(now - t0, 3))
+                if result["outcome"] in ("read", "refused") and result["seconds"] > timeout:
+                    result["outcome"] = "hang"  # answered, but later than the limit
+                result.update(index=index, kind=kind, input=desc)
+                if stats is not None:
+                    _account(stats, result)
                 counts[result["outcome"]] += 1
                 counts[f"{kind}:{result['outcome']}"] += 1
                 if log is not None:
@@ -690,6 +792,51 @@ def run_campaign(n: int, seed: int = 0, workers: int = 2, timeout: float = 10.0,
     return counts
 
 
+#: Peak memory an input may use beyond twice its image: the interpreter's and the parser's own.
+PEAK_ALLOWANCE_MIB = 64
+
+
+def _account(stats: dict, r: dict) -> None:
+    """Fold one result into the per-family table (inputs, outcomes, time, memory, escapes)."""
+    row = stats.setdefault(r["kind"], Counter())
+    row["inputs"] += 1
+    row[r["outcome"]] += 1
+    row["max_s"] = max(row["max_s"], float(r.get("seconds", 0)))
+    peak = float(r.get("peak_mib", 0))
+    row["max_peak_mib"] = max(row["max_peak_mib"], peak)
+    row["escapes"] += int(r.get("escapes", 0))
+    declared = r.get("declared")
+    if declared:
+        ratio = peak * 2**20 / declared
+        row["max_peak_per_image"] = max(row["max_peak_per_image"], ratio)
+        row["over_2x"] += int(peak > 2 * declared / 2**20 + PEAK_ALLOWANCE_MIB)
+
+
+def family_table(stats: dict) -> str:
+    """The by-family table as Markdown."""
+    head = ("| family | inputs | read | refused | crash | over 10 s | max s | max peak MiB | "
+            f"max peak / image (read) | over 2x image + {PEAK_ALLOWANCE_MIB} MiB | path escapes |")
+    lines = [head, "|" + "---|" * 11]
+    total = Counter()
+    for kind in KINDS:
+        r = stats.get(kind)
+        if not r:
+            continue
+        for k in ("inputs", "read", "refused", "crash", "hang", "over_2x", "escapes"):
+            total[k] += r[k]
+        for k in ("max_s", "max_peak_mib", "max_peak_per_image"):
+            total[k] = max(total[k], r[k])
+        lines.append(_row(kind, r))
+    lines.append(_row("**all**", total))
+    return "\n".join(lines)
+
+
+def _row(name: str, r: Counter) -> str:
+    return (f"| {name} | {r['inputs']} | {r['read']} | {r['refused']} | {r['crash']} | {r['hang']} | "
+            f"{r['max_s']:.1f} | {r['max_peak_mib']:.0f} | {r['max_peak_per_image']:.1f} | {r['over_2x']} | "
+            f"{r['escapes']} |")
+
+
 def _summary(counts: Counter) -> Counter:
     return Counter({k: counts[k] for k in ("read", "refused", "crash", "hang")})
 
@@ -703,19 +850,26 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=10.0, help="seconds before an input counts as a hang")
     ap.add_argument("--log", default=None, help="JSON-lines log of every input")
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--max-minutes", type=float, default=None, help="start no new input after this many minutes")
     args = ap.parse_args(argv)
     t0 = time.time()
     log = open(args.log, "w") if args.log else None
     try:
-        counts = run_campaign(args.n, args.seed, args.workers, args.timeout, args.workdir, log, args.start, True)
+        stats: dict = {}
+        counts = run_campaign(args.n, args.seed, args.workers, args.timeout, args.workdir, log, args.start, True,
+                              stats, None if args.max_minutes is None else 60 * args.max_minutes)
     finally:
         if log:
             log.close()
-    print(f"\n{args.n} mutated inputs, seed {args.seed}, {time.time() - t0:.0f} s")
+    ran = sum(r["inputs"] for r in stats.values())
+    print(f"\n{ran} of {args.n} mutated inputs run, seed {args.seed}, {time.time() - t0:.0f} s")
     print("outcome   " + "  ".join(f"{o}={counts[o]}" for o in ("read", "refused", "crash", "hang")))
     for kind in KINDS:
         print(f"{kind:13s}" + "  ".join(f"{o}={counts[f'{kind}:{o}']}" for o in ("read", "refused", "crash", "hang")))
-    return 0 if counts["crash"] == 0 and counts["hang"] == 0 else 1
+    print()
+    print(family_table(stats))
+    escapes = sum(r["escapes"] for r in stats.values())
+    return 0 if counts["crash"] == 0 and counts["hang"] == 0 and escapes == 0 else 1
 
 
 if __name__ == "__main__":

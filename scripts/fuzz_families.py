@@ -190,13 +190,7 @@ def ts_lie(src: Path, dst: Path, rng: random.Random) -> tuple[Path, str]:
                   for _ in range(max(1, min(n, 64)))]
         ds.PixelData = encapsulate([f + b"\0" * (len(f) % 2) for f in frames])
         ds["PixelData"].VR = "OB"
-    ds.file_meta.TransferSyntaxUID = lie
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds.save_as(buf, enforce_file_format=False, implicit_vr=lie == "1.2.840.10008.1.2",
-                   little_endian=lie != "1.2.840.10008.1.2.2")
-    dst.write_bytes(buf.getvalue())
+    _write_stream(dst, _meta_bytes(ds, lie), [_encode(ds)], deflate=False)  # Explicit VR LE under a lying meta
     return dst, f"{op} as {lie}"
 
 
@@ -245,11 +239,16 @@ def links_folder(src: Path, folder: Path, rng: random.Random) -> tuple[Path, str
 
 
 def _rewrite(path: Path, change) -> None:
+    """Apply ``change`` to the data set of ``path`` and write it in the transfer syntax it then names."""
+    import pydicom
+
     ds = _read(path)
     change(ds)
+    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ds.save_as(path, enforce_file_format=False)
+        pydicom.dcmwrite(path, ds, implicit_vr=ts == "1.2.840.10008.1.2", little_endian=ts != "1.2.840.10008.1.2.2",
+                         force_encoding=True, enforce_file_format=False)
 
 
 def geometry_folder(src: Path, folder: Path, rng: random.Random) -> tuple[Path, str]:
@@ -338,10 +337,10 @@ FAMILIES = {"vr-length": 5, "seq-wide": 2, "seq-deep": 2, "deflate-bomb": 2, "di
             "geometry-folder": 4, "mixed-folder": 4, "ts-lie": 4, "nifti2": 3}
 
 
-def prepare(seeds_dir: Path, dicom_file: Path) -> dict[str, Path]:
-    """Seeds built once per campaign: the 2 GiB deflate bombs (image attributes before and after)."""
-    return {"bomb-after": deflate_bomb(dicom_file, seeds_dir / "bomb_after.dcm", 2**31 - 2),
-            "bomb-before": deflate_bomb(dicom_file, seeds_dir / "bomb_before.dcm", 2**31 - 2, before_image=True)}
+def prepare(seeds_dir: Path, dicom_file: Path, bomb_bytes: int = 2**31 - 2) -> dict[str, Path]:
+    """Seeds built once per campaign: the deflate bombs (image attributes before and after the bomb)."""
+    return {"bomb-after": deflate_bomb(dicom_file, seeds_dir / "bomb_after.dcm", bomb_bytes),
+            "bomb-before": deflate_bomb(dicom_file, seeds_dir / "bomb_before.dcm", bomb_bytes, before_image=True)}
 
 
 def make(kind: str, rng: random.Random, seeds, extra: dict[str, Path], outdir: Path) -> tuple[Path, str]:
@@ -362,7 +361,7 @@ def make(kind: str, rng: random.Random, seeds, extra: dict[str, Path], outdir: P
         which = rng.choice(sorted(extra))
         target = outdir / "input.dcm"
         shutil.copy(extra[which], target)
-        return target, f"2 GiB of zeros deflated ({which})"
+        return target, f"{which}: {target.stat().st_size} bytes deflated from gigabytes of zeros"
     if kind == "dicomdir-escape":
         outside = outdir / "outside.dcm"
         shutil.copy(rng.choice(files), outside)

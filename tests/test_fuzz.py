@@ -33,19 +33,23 @@ def _fuzz_module():
 def test_seeded_campaign_has_no_crash_and_no_hang(shared_data, tmp_path):
     fuzz = _fuzz_module()
     log_path = tmp_path / "fuzz.jsonl"
+    stats: dict = {}
     with open(log_path, "w") as log:  # 30 s: a busy shared CI machine must not pass for a hang
-        counts = fuzz.run_campaign(240, seed=20240, workers=2, timeout=30.0, workdir=tmp_path / "work", log=log)
+        counts = fuzz.run_campaign(240, seed=20240, workers=2, timeout=30.0, workdir=tmp_path / "work", log=log,
+                                   stats=stats, bomb_bytes=64 * 2**20)
     summary = {k: counts[k] for k in ("read", "refused", "crash", "hang")}
     bad = [ln for ln in log_path.read_text().splitlines() if '"crash"' in ln or '"hang"' in ln]
     assert summary["crash"] == 0 and summary["hang"] == 0, (summary, bad[:5])
     assert summary["read"] > 20 and summary["refused"] > 20, summary  # the mutations bite, the seeds read
     for kind in fuzz.KINDS:
         assert counts[f"{kind}:read"] + counts[f"{kind}:refused"] > 0, kind
+    assert sum(r["escapes"] for r in stats.values()) == 0, fuzz.family_table(stats)
+    assert counts["build-error"] == 0, bad[:5]
 
 
 def test_unmutated_seeds_read(shared_data, tmp_path):
     fuzz = _fuzz_module()
-    seeds = fuzz.prepare_seeds(tmp_path)
+    seeds = fuzz.prepare_seeds(tmp_path, 2**20)
     for p in seeds.dicom_files + seeds.dicom_folders + [seeds.dicomdir_folder / "DICOMDIR"] + seeds.nifti + seeds.sitk:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -104,7 +108,7 @@ def test_missing_sop_class_still_reads(shared_data, tmp_path):
 
 def test_dicomdir_pointing_at_missing_files(shared_data, tmp_path):
     fuzz = _fuzz_module()
-    seeds = fuzz.prepare_seeds(tmp_path / "w")
+    seeds = fuzz.prepare_seeds(tmp_path / "w", 2**20)
     media = tmp_path / "media"
     shutil.copytree(seeds.dicomdir_folder, media)
     for p in media.rglob("*"):
@@ -128,7 +132,7 @@ def test_hostile_nifti_and_model_files(shared_data, tmp_path):
     with pytest.raises(InputError, match="affine"):
         load(bad)
     fuzz = _fuzz_module()
-    seeds = fuzz.prepare_seeds(tmp_path / "w")
+    seeds = fuzz.prepare_seeds(tmp_path / "w", 2**20)
     from napari_restore.models import load_model
 
     for op in ("pickle", "truncate", "unknown-arch"):

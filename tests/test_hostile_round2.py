@@ -115,10 +115,10 @@ def test_deflate_bomb_is_refused_without_inflating_it(shared_data, tmp_path, bef
     bomb = families.deflate_bomb(shared_data / HITACHI / "001.dcm", tmp_path / "bomb.dcm", 512 * 2**20,
                                  before_image=before_image)
     assert bomb.stat().st_size < 2 * 2**20  # 512 MiB of zeros deflate to about 0.5 MiB
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds: what the reader spends, whatever else the machine runs
     with pytest.raises(InputError) as info:
         _quiet_load(bomb)
-    assert time.perf_counter() - t0 < 10
+    assert time.process_time() - t0 < 10
     assert str(bomb) in str(info.value) and "deflate" in str(info.value)
 
 
@@ -133,10 +133,10 @@ def test_deflated_image_within_its_bound_reads_exactly(shared_data, tmp_path):
 @pytest.mark.parametrize("items,depth", [(400_000, 1), (0, 20_000)])
 def test_sequence_bombs_are_refused_within_ten_seconds(shared_data, tmp_path, items, depth):
     bomb = families.sequence_bomb(shared_data / HITACHI / "001.dcm", tmp_path / "seq.dcm", items=items, depth=depth)
-    t0 = time.perf_counter()
+    t0 = time.process_time()  # CPU seconds: what the reader spends, whatever else the machine runs
     with pytest.raises(InputError) as info:
         _quiet_load(bomb)
-    assert time.perf_counter() - t0 < 10
+    assert time.process_time() - t0 < 10
     assert str(bomb) in str(info.value)
 
 

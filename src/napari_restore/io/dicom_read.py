@@ -31,7 +31,9 @@ from pydicom.errors import InvalidDicomError
 from ..errors import InputError
 from ..geometry import describe_steps, survey_gap
 from ..volume import Volume
+from .dicom_safe import burned_in as _burned_in
 from .dicom_safe import dcmread as _dcmread
+from .dicom_safe import inside as _inside
 
 log = logging.getLogger(__name__)
 
@@ -362,35 +364,6 @@ def _dicomdir_files(path: Path, skipped: list[str]) -> list[Path]:
         skipped.append(f"{path.name}: the DICOMDIR references no existing file; read its folder instead")
         files = sorted(p for p in path.parent.rglob("*") if p.is_file() and not p.name.startswith("."))
     return files
-
-
-def _burned_in(frames: list[Frame]) -> str:
-    """The first file (and frame) whose header or functional groups say BurnedInAnnotation=YES, or ""."""
-    seen: set[int] = set()
-    for fr in frames:
-        h = fr.header
-        if id(h) in seen:
-            continue
-        seen.add(id(h))
-        if _says_yes(h):
-            return fr.path.name
-        for key in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-            for group in h.get(key) or []:  # a frame's groups: the item and the macros inside it
-                if _says_yes(group) or any(_says_yes(sub) for elem in group if elem.VR == "SQ" for sub in elem.value):
-                    return f"{fr.path.name} ({key})"
-    return ""
-
-
-def _says_yes(ds: Dataset) -> bool:
-    return str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES"
-
-
-def _inside(f: Path, folder: Path) -> bool:
-    """Whether ``f`` (after symlinks and ``..``) lies inside the resolved ``folder``."""
-    try:
-        return f.resolve().is_relative_to(folder)
-    except (OSError, RuntimeError, ValueError):  # a symlink loop or an impossible name
-        return False
 
 
 def _claims_image(h: Dataset, sop: str) -> bool:

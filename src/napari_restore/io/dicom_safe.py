@@ -10,11 +10,15 @@ Two attacks are stopped here, before they cost minutes or gigabytes:
   image size its header declares and the free memory (:func:`inflate_limit`).
 
 Everything else is pydicom's own reader (``read_preamble``, the file meta reader, ``read_dataset``).
+
+Two small checks live here too: :func:`burned_in` (a BurnedInAnnotation=YES on any slice or frame
+of a series) and :func:`inside` (a DICOMDIR reference that resolves outside its media folder).
 """
 from __future__ import annotations
 
 import io
 import os
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,8 @@ from ..errors import InputError
 
 #: Reads (element headers, values, items) one parse may make before the file is refused.
 MAX_READS = 100_000
+#: CPU seconds one header parse may take (checked every 1024 reads) before the file is refused.
+MAX_PARSE_S = 5.0
 #: Inflated bytes allowed beyond the pixel data a deflated header declares (the rest of the header).
 HEADER_ALLOWANCE = 64 * 2**20
 _PREFIX = 4 * 2**20  # inflated bytes read first to learn the image size
@@ -37,18 +43,20 @@ _IMAGE_TAGS = [Tag(k) for k in ("Rows", "Columns", "BitsAllocated", "SamplesPerP
 
 
 class TooComplex(Exception):
-    """Raised by :class:`_Budget` when a file needs more reads than :data:`MAX_READS`."""
+    """Raised by :class:`_Budget` when a parse needs more than :data:`MAX_READS` reads or
+    :data:`MAX_PARSE_S` seconds."""
 
 
 class _Budget:
-    """A file object that counts ``read`` calls and stops the parse beyond ``limit``."""
+    """A file object that counts ``read`` calls and stops the parse beyond ``limit`` or ``seconds``."""
 
-    def __init__(self, fh: Any, limit: int = MAX_READS):
+    def __init__(self, fh: Any, limit: int = MAX_READS, seconds: float = MAX_PARSE_S):
         self._fh, self._left = fh, limit
+        self._deadline = time.process_time() + seconds  # CPU time: a busy machine does not count
 
     def read(self, *args: Any) -> bytes:
         self._left -= 1
-        if self._left < 0:
+        if self._left < 0 or (self._left & 1023 == 0 and time.process_time() > self._deadline):
             raise TooComplex()
         return self._fh.read(*args)
 
@@ -73,8 +81,8 @@ def dcmread(path: str | os.PathLike, *, stop_before_pixels: bool = False, force:
             return pydicom.dcmread(_Budget(fh), defer_size=defer_size, stop_before_pixels=stop_before_pixels,
                                    force=force, specific_tags=specific_tags)
     except TooComplex:
-        raise InputError(f"the header holds more than {MAX_READS} elements or sequence items (a sequence "
-                         "bomb?); refused", path) from None
+        raise InputError(f"the header holds more than {MAX_READS} elements or sequence items, or takes more than "
+                         f"{MAX_PARSE_S:.0f} s of CPU to parse (a sequence bomb?); refused", path) from None
 
 
 def _is_deflated(fh: Any, force: bool) -> bool:
@@ -160,4 +168,34 @@ def _image_size(prefix: bytes) -> tuple[int, int, int, int, int] | None:
     return rows, cols, bits, samples, frames
 
 
-__all__ = ["dcmread", "inflate_limit", "MAX_READS", "HEADER_ALLOWANCE", "TooComplex"]
+def burned_in(frames: list) -> str:
+    """The first file of ``frames`` (reader ``Frame``s) whose header or functional groups say
+    BurnedInAnnotation=YES, or "": a flag on any slice or frame holds for the whole series."""
+    seen: set[int] = set()
+    for fr in frames:
+        h = fr.header
+        if id(h) in seen:
+            continue
+        seen.add(id(h))
+        if _says_yes(h):
+            return fr.path.name
+        for key in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+            for group in h.get(key) or []:  # a frame's groups: the item and the macros inside it
+                if _says_yes(group) or any(_says_yes(sub) for elem in group if elem.VR == "SQ" for sub in elem.value):
+                    return f"{fr.path.name} ({key})"
+    return ""
+
+
+def _says_yes(ds: Dataset) -> bool:
+    return str(ds.get("BurnedInAnnotation", "") or "").strip().upper() == "YES"
+
+
+def inside(f: Path, folder: Path) -> bool:
+    """Whether ``f`` (after symlinks and ``..``) lies inside the resolved ``folder``."""
+    try:
+        return f.resolve().is_relative_to(folder)
+    except (OSError, RuntimeError, ValueError):  # a symlink loop or an impossible name
+        return False
+
+
+__all__ = ["dcmread", "burned_in", "inside", "inflate_limit", "MAX_READS", "HEADER_ALLOWANCE", "TooComplex"]
