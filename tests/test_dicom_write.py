@@ -283,10 +283,9 @@ def test_mr_valid_rescaled_and_read_back(mr):
     assert 0 < mr.slope < 1 and float(h0.RescaleIntercept) == 0.0
     assert mr.src.meta["dicom_header"].LossyImageCompression == h0.LossyImageCompression == "00"
     assert 16000 < mr.expected.max() / mr.slope <= 32767
-    lo, hi = np.percentile(mr.expected, [1, 99.5])
-    # window from the 1 / 99.5 percentiles (of a subsample: within a few % of the width)
-    assert abs(float(h0.WindowCenter) - (lo + hi) / 2) < 0.03 * (hi - lo)
-    assert abs(float(h0.WindowWidth) - (hi - lo)) < 0.03 * (hi - lo)
+    # the window is carried over from the source: the derived series opens with the source's contrast
+    wc, ww = mr.src.meta["window"]
+    assert float(h0.WindowCenter) == pytest.approx(wc) and float(h0.WindowWidth) == pytest.approx(ww)
     tol = _tolerance(mr.slope, mr.expected)
     (nii,) = _dcm2niix(mr.folder, mr.tmp / "dcm2niix").values()
     aligned = _dcm2niix_aligned(nii, mr.volume.affine, mr.expected.shape)
@@ -298,6 +297,20 @@ def test_mr_valid_rescaled_and_read_back(mr):
     np.testing.assert_allclose(back.affine, mr.volume.affine, atol=1e-4)
     np.testing.assert_allclose(back.array, mr.expected, atol=tol, rtol=0)
     assert mr.hash_after == mr.hash_before
+
+
+def test_window_is_the_source_s_unless_set(shared_data, tmp_path):
+    src = nr.load(shared_data / MR_SERIES)[0]
+    restored = src.copy_with(src.array, {"task": "denoise"})
+    h = pydicom.dcmread(sorted(write_dicom_series(restored, tmp_path / "a").glob("*.dcm"))[0])
+    assert (float(h.WindowCenter), float(h.WindowWidth)) == pytest.approx(src.meta["window"])
+    h = pydicom.dcmread(sorted(write_dicom_series(restored, tmp_path / "b", window=(400.0, 900.0)).glob("*.dcm"))[0])
+    assert (float(h.WindowCenter), float(h.WindowWidth)) == (400.0, 900.0)
+    no_window = src.copy_with(src.array)
+    no_window.meta = {k: v for k, v in src.meta.items() if k != "window"}
+    h = pydicom.dcmread(sorted(write_dicom_series(no_window, tmp_path / "c").glob("*.dcm"))[0])
+    lo, hi = np.percentile(src.array, [1, 99.5])  # no source window: the 1-99.5 percentiles
+    assert abs(float(h.WindowCenter) - (lo + hi) / 2) < 0.03 * (hi - lo)
 
 
 def test_enhanced_mr_source_references_frames(shared_data, tmp_path):
