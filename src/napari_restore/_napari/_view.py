@@ -70,11 +70,27 @@ def show_acquisition_plane(viewer: Any, layer: Any) -> None:
     if plane is None or viewer.dims.ndim < 3:
         return
     order = plane_order(viewer.dims.ndim, plane)
+    if not _aligned(layer, order[-3] - viewer.dims.ndim):
+        keep_patient_upright(viewer)  # napari cannot slice a strongly oblique series across: leave the view
+        return
     if tuple(viewer.dims.order) != order:
         viewer.dims.order = order
         keep_patient_upright(viewer)
+        slider = order[-3]
+        ext = np.asarray(layer.extent.world, float)  # (2, ndim): the middle slice of the new slider
+        k = slider - (viewer.dims.ndim - ext.shape[1])
+        if 0 <= k < ext.shape[1]:
+            viewer.dims.set_point(slider, float(ext[:, k].mean()))
         viewer.reset_view()
     keep_patient_upright(viewer)
+
+
+def _aligned(layer: Any, world_axis: int, min_cos: float = 0.9) -> bool:
+    """Whether the layer's data axis along ``world_axis`` (-3, -2, -1: S, P, L) runs within ~25
+    degrees of it: napari slices such an axis cleanly, a strongly oblique one it draws blank."""
+    a = np.asarray(layer.affine.affine_matrix, float)[-4:-1, -4:-1]
+    col = a[:, world_axis] / np.linalg.norm(a[:, world_axis])
+    return bool(abs(col[world_axis]) >= min_cos)
 
 
 def install(viewer: Any) -> None:
