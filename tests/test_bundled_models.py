@@ -43,7 +43,10 @@ def test_denoise_ct_improves_unseen_low_dose_ct(shared_data):
         body = clean > -200
         assert abs(float(out.array[body].mean() - clean[body].mean())) < 2.0  # HU level kept
         mean_gain[name] = float(np.mean(gains))
-    assert mean_gain["denoise-ct-25d"] > mean_gain["denoise-ct"] + 0.2, mean_gain
+    # 0.2.0 was trained over every kernel and pixel size: on this one smooth-kernel condition it leads the
+    # single-slice cosine-trained model by less than 0.1.0 did (0.19 dB vs > 0.2), in exchange for the
+    # sharp-kernel and small-pixel cells of docs/robustness.md
+    assert mean_gain["denoise-ct-25d"] > mean_gain["denoise-ct"] + 0.1, mean_gain
 
 
 def test_thick_slices_get_the_single_slice_ct_denoiser(shared_data):
