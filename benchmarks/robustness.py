@@ -102,11 +102,14 @@ def main(argv=None) -> int:
                     help="report what the cache holds and compute nothing (a partial report of a cut run)")
     ap.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "robustness.md")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="with --replot: JSONs of runs of other models (same --slices/--crop, hence the same noise); "
+                         "their models' figures replace or join those of the --replot JSON, cell by cell")
     ap.add_argument("--replot", type=Path, default=None,
                     help="rewrite <out>.md and <out>.png from a JSON this script wrote (no computation)")
     args = ap.parse_args(argv)
     if args.replot:
-        return replot(args.replot, args.out)
+        return replot(args.replot, args.out, args.merge)
     if not (args.data / "README.md").is_file():
         sys.exit(f"{args.data} is missing: this benchmark reads the shared data set")
     try:
@@ -277,8 +280,31 @@ def real_scan(s: R.Series, models, args):
     return rows, {"input": inp[0], "outputs": {k: v[0] for k, v in outs.items()}, "modality": s.modality}
 
 
-def replot(path: Path, out: Path) -> int:
+def _merge(js: dict, other: dict) -> None:
+    """Put ``other``'s models into ``js``: their scores replace (or join) those under the same name."""
+    names = {m["name"] for m in other["models"]}
+    js["models"] = [m for m in js["models"] if m["name"] not in names] + other["models"]
+    for kind, cells in other["cells"].items():
+        index = {json.dumps({k: v for k, v in c.items() if k not in R.CELL_RESULT_KEYS}, sort_keys=True): c
+                 for c in js["cells"].get(kind, [])}
+        for c in cells:
+            mine = index.get(json.dumps({k: v for k, v in c.items() if k not in R.CELL_RESULT_KEYS}, sort_keys=True))
+            if mine is not None:
+                mine["scores"].update({n: sc for n, sc in c["scores"].items() if n in names})
+                mine["seen_by"] = sorted(set(mine.get("seen_by", [])) - names | set(c.get("seen_by", [])))
+    for key in ("real_scans", "low_contrast"):
+        rows = [r for r in js[key] if r.get("method") not in names]
+        js[key] = rows + [r for r in other[key] if r.get("method") in names]
+    js["command"] += " + " + other["command"] + " (merged)"
+    js["seconds"] += other["seconds"]
+
+
+def replot(path: Path, out: Path, merge: list[Path] = ()) -> int:
     js = json.loads(path.read_text(encoding="utf-8"))
+    for other in merge:
+        _merge(js, json.loads(Path(other).read_text(encoding="utf-8")))
+    if merge:
+        out.with_suffix(".json").write_text(json.dumps(js, indent=1), encoding="utf-8")
     cells = {k: [R.Cell.from_dict(c) for c in v] for k, v in js["cells"].items()}
     text = report(cells, js["real_scans"], js["low_contrast"], js["models"], js["machine"], js["command"],
                   js["inputs"], js["slices"], js["crop"], js["seconds"])

@@ -165,6 +165,10 @@ def reference_noise_sd(ref: np.ndarray, modality: str) -> float:
         return float("nan")
 
 
+#: the keys of a cell's dict (:meth:`Cell.to_dict`) that hold results, not the condition
+CELL_RESULT_KEYS = ("slices", "sigma", "ref_sd", "reference_limited", "seen_by", "notes", "scores")
+
+
 @dataclass
 class Cell:
     """One condition on one series: per-method scores (pooled and per slice) and the flags."""
