@@ -67,8 +67,8 @@ def keep_patient_upright(viewer: Any) -> None:
 def show_acquisition_plane(viewer: Any, layer: Any) -> None:
     """Show ``layer``'s acquisition plane (its slices) with the patient upright."""
     plane = layer_plane(layer)
-    if plane is None or viewer.dims.ndim < 3:
-        return
+    if plane is None or viewer.dims.ndim < 3 or getattr(layer, "ndim", 0) < 3:
+        return  # a 2-D layer (a single plane) has no slicing axis to choose
     order = plane_order(viewer.dims.ndim, plane)
     if not _aligned(layer, order[-3] - viewer.dims.ndim):
         keep_patient_upright(viewer)  # napari cannot slice a strongly oblique series across: leave the view
@@ -88,7 +88,10 @@ def show_acquisition_plane(viewer: Any, layer: Any) -> None:
 def _aligned(layer: Any, world_axis: int, min_cos: float = 0.9) -> bool:
     """Whether the layer's data axis along ``world_axis`` (-3, -2, -1: S, P, L) runs within ~25
     degrees of it: napari slices such an axis cleanly, a strongly oblique one it draws blank."""
-    a = np.asarray(layer.affine.affine_matrix, float)[-4:-1, -4:-1]
+    a = np.asarray(layer.affine.affine_matrix, float)
+    if a.shape[0] < 4:
+        return False
+    a = a[-4:-1, -4:-1]
     col = a[:, world_axis] / np.linalg.norm(a[:, world_axis])
     return bool(abs(col[world_axis]) >= min_cos)
 
