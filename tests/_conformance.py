@@ -28,11 +28,14 @@ SOURCES = [
 #: folders of single files of many kinds: every file is its own source
 FILE_FOLDERS = ["fixtures/pydicom-data", "fixtures/pylibjpeg"]
 
-# dciodvfy warnings an export may show although its source did not (see tests/test_dicom_write.py)
+# dciodvfy warnings an export may show although its source did not:
 EXPECTED_WARNINGS = [
+    # The classic MR IOD has no Modality LUT module; float MR needs RescaleSlope to be stored in
+    # int16 (dcm2niix, ITK/GDCM and pydicom apply it). Written only when the slope is not 1.
     r"Non-identity Modality LUT Module .* MR IOD",
     r"Attribute is not present in standard DICOM IOD - \(0x0028,0x105[23]\) DS Rescale",
     r"Dicom dataset contains attributes not present in standard DICOM IOD",
+    # No DICOM source: the body part, hence whether it is paired, is unknown: Laterality is empty.
     r"is only permitted to be empty when actually unknown.*<Laterality>",
 ]
 # de-identified with dates removed (the basic profile's default): no study date and time to index

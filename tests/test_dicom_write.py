@@ -29,16 +29,7 @@ CT_BLANK_UIDS = "ct/siemens-body-j2k"
 NIFTI_CT = "ct/nifti/example_ct_sm.nii.gz"
 LOSSY_CT = "fixtures/pylibjpeg/JPEGLS/CT1_JLSN.dcm"  # JPEG-LS near-lossless, LossyImageCompression 01
 
-# dciodvfy warnings our exports may show although their source file did not:
-EXPECTED_WARNINGS = [
-    # The classic MR IOD has no Modality LUT module; float MR needs RescaleSlope to be stored in
-    # int16 (dcm2niix, ITK/GDCM and pydicom apply it). Written only when the slope is not 1.
-    r"Non-identity Modality LUT Module .* MR IOD",
-    r"Attribute is not present in standard DICOM IOD - \(0x0028,0x105[23]\) DS Rescale",
-    r"Dicom dataset contains attributes not present in standard DICOM IOD",
-    # No DICOM source: the body part, hence whether it is paired, is unknown: Laterality is empty.
-    r"is only permitted to be empty when actually unknown.*<Laterality>",
-]
+from _conformance import EXPECTED_WARNINGS  # noqa: E402  (dciodvfy warnings an export may add; reasons there)
 
 
 # --------------------------------------------------------------------------- helpers
