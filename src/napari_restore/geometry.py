@@ -190,3 +190,32 @@ def resampled_uniform(volume: "Volume", step_mm: float | None = None) -> "Volume
         out.meta.pop(key, None)
     out.meta["slice_spacing_nonuniform"] = False
     return out
+
+
+def largest_step(volume: "Volume") -> float:
+    """The widest distance between neighbouring slices (mm): what a 2.5-D model would read across
+    (infinite for a survey of separate slices)."""
+    if volume.meta.get("separate_slices"):
+        return float("inf")
+    if volume.spatial_shape[0] > 1 and not volume.is_uniform:
+        return float(np.max(np.abs(np.diff(volume.slice_offsets))))
+    return volume.slice_distance
+
+
+def restore_runs(volume: "Volume", reads_neighbours: bool) -> tuple[list[tuple[int, int]], str | None]:
+    """Slice ranges a restoration must treat alone, and a note saying so (``None`` when whole).
+
+    A model that reads neighbouring slices (2.5-D context or 3-D) never reads across a change of
+    step (each uniform run alone) or between separate slices (each slice alone), so a 7 mm gap is
+    never taken for a 4 mm one.
+    """
+    nz = volume.spatial_shape[0]
+    if not reads_neighbours or nz < 2:
+        return [(0, nz)], None
+    if volume.meta.get("separate_slices"):
+        return [(k, k + 1) for k in range(nz)], "the slices are separate (a survey), so each was restored alone"
+    if volume.is_uniform:
+        return [(0, nz)], None
+    runs = volume.uniform_runs()
+    return runs, (f"unevenly spaced slices ({describe_steps(volume.slice_offsets)}) were restored as "
+                  f"{len(runs)} uniform runs, each alone")

@@ -96,3 +96,12 @@ def check_trusted_range(volume: Volume, card: Any, measured: dict[str, float] | 
                          f"tested on ({lo:g}-{hi:g}); check the result against the input "
                          "(docs/robustness.md shows where each model can be trusted)")
     return notes
+
+
+def range_warnings(volume: Volume, cards: list[Any]) -> list[str]:
+    """:func:`check_trusted_range` for several cards, measuring the input once (none: no work)."""
+    cards = [c for c in cards if getattr(c, "trusted_range", None)]
+    if not cards:
+        return []
+    measured = measure(volume)
+    return [w for card in cards for w in check_trusted_range(volume, card, measured)]

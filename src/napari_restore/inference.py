@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import Cancelled, InputError, ModelError, RestoreError
+from .geometry import largest_step
 from .intensity import Normalizer, default_spec
 from . import models as _models
 from .models import LoadedModel, ModelCard, find_model, load_model, user_model_dirs
@@ -486,7 +487,7 @@ def _resolve_steps(task: str, model: Any, volume: Volume, mode: str, device: tor
     dims = 2 if mode == "2d" else 3
 
     def auto(t: str) -> _Step | None:
-        card = find_model(t, modality if modality in ("CT", "MR") else "any", dims, _largest_step(volume))
+        card = find_model(t, modality if modality in ("CT", "MR") else "any", dims, largest_step(volume))
         if card is not None:
             return _step_from_model(t, card, modality, mode, device, warn, ensemble)
         if t == "enhance":
@@ -668,47 +669,19 @@ def restore(volume: Volume, task: str = "denoise", model: Any = None, mode: str 
 
 def _guard(volume: Volume, steps: list[_Step], warn: list[str]) -> None:
     """Warn when the input lies outside a model's trusted range (see :mod:`napari_restore.guard`)."""
-    from .guard import check_trusted_range, measure
+    from .guard import range_warnings
 
-    cards = [s.card for s in steps if s.card is not None and getattr(s.card, "trusted_range", None)]
-    if not cards:
-        return
-    measured = measure(volume)
-    for card in cards:
-        warn.extend(w for w in check_trusted_range(volume, card, measured) if w not in warn)
-
-
-def _largest_step(volume: Volume) -> float:
-    """The widest distance between neighbouring slices (mm): what a 2.5-D model would read across."""
-    if volume.meta.get("separate_slices"):
-        return float("inf")
-    if volume.spatial_shape[0] > 1 and not volume.is_uniform:
-        return float(np.max(np.abs(np.diff(volume.slice_offsets))))
-    return volume.slice_distance
+    warn.extend(w for w in range_warnings(volume, [s.card for s in steps if s.card is not None]) if w not in warn)
 
 
 def _slice_runs(volume: Volume, step: _Step, mode: str, warn: list[str]) -> list[tuple[int, int]]:
-    """Slice ranges restored alone: the whole volume, unless the step reads neighbouring slices
-    (2.5-D context or 3-D) and the slices are unevenly spaced (each uniform run alone) or
-    separate (each slice alone), so that a 7 mm gap is never read as a 4 mm one."""
-    nz = volume.spatial_shape[0]
-    reads_neighbours = mode == "3d" or int(getattr(step.network, "context", 0) or 0) > 0
-    if not reads_neighbours or nz < 2:
-        return [(0, nz)]
-    if volume.meta.get("separate_slices"):
-        note = f"{step.name}: the slices are separate (a survey), so each was restored alone"
-        if note not in warn:
-            warn.append(note)
-        return [(k, k + 1) for k in range(nz)]
-    if volume.is_uniform:
-        return [(0, nz)]
-    runs = volume.uniform_runs()
-    from .geometry import describe_steps
+    """Slice ranges the step restores alone (see :func:`napari_restore.geometry.restore_runs`)."""
+    from .geometry import restore_runs
 
-    note = (f"{step.name}: unevenly spaced slices ({describe_steps(volume.slice_offsets)}) were restored as "
-            f"{len(runs)} uniform runs, each alone")
-    if note not in warn:
-        warn.append(note)
+    reads = mode == "3d" or int(getattr(step.network, "context", 0) or 0) > 0
+    runs, note = restore_runs(volume, reads)
+    if note and f"{step.name}: {note}" not in warn:
+        warn.append(f"{step.name}: {note}")
     return runs
 
 
