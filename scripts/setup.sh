@@ -41,7 +41,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     "$PIP" install -q torch==2.13.0    # no GPU: the CPU build, never a multi-GB CUDA download
   fi
 fi
-"$PIP" install -q -e ".[testing]"
+# everything the tests need: the plugin, Qt, TensorBoard, PACS, figures (the [all] extra), the docs
+# builder (mkdocs build --strict runs in the tests) and the BM3D baseline
+"$PIP" install -q -e ".[all,testing,docs,benchmark]"
 "$VENV/bin/python" - <<'PY'
 import torch
 print(f"setup: torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")

@@ -95,11 +95,9 @@ class EvalResult:
 
     def save_panel(self, path: str | os.PathLike) -> Path:
         """PNG: reference, input and every method on one slice, one display window (matplotlib Agg)."""
-        import matplotlib
+        from .figures import pyplot
 
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         path = Path(path)
         if not self.panel:
             raise OutputError("no panel images (nothing was evaluated)", path)

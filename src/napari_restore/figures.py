@@ -1,4 +1,8 @@
-"""Pictures a person would rather look at than read: before/after panels (matplotlib, Agg)."""
+"""Pictures a person would rather look at than read: before/after panels (matplotlib, Agg).
+
+matplotlib is optional (the ``[figures]`` extra, part of ``[all]`` and ``[napari]``): the core
+install has none, and every picture goes through :func:`pyplot`, which says what to install.
+"""
 from __future__ import annotations
 
 import os
@@ -6,8 +10,33 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import RestoreError
 from .io.atomic import atomic_file
 from .volume import Volume
+
+#: What to install for pictures, named in the error of :func:`pyplot`.
+EXTRA_HINT = "pip install 'napari-restore[figures]'"
+
+
+class MissingExtraError(RestoreError):
+    """An optional dependency of one feature is not installed; the message names the extra."""
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend.
+
+    Raises:
+        MissingExtraError: matplotlib is not installed (the core install leaves it out).
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingExtraError(f"writing a picture needs matplotlib, which the core install leaves out: "
+                                f"{EXTRA_HINT}") from None
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def display_window(volume: Volume) -> tuple[float, float]:
@@ -29,11 +58,7 @@ def before_after_png(before: Volume, after: Volume, path: str | os.PathLike, sli
         before, after: Volumes of the same shape (3-D; a 4-D volume shows its first time point).
         slice_index: the z slice; the middle one by default.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     a = before.array if before.array.ndim == 3 else before.array[0]
     b = after.array if after.array.ndim == 3 else after.array[0]
     k = a.shape[0] // 2 if slice_index is None else int(slice_index)

@@ -344,7 +344,11 @@ class _Run:
                     from torch.utils.tensorboard import SummaryWriter
 
                     writer = SummaryWriter(str(run_dir / "tensorboard"))
-                except Exception as exc:  # tensorboard missing or broken: only TB is skipped
+                except ImportError:  # the core install has no TensorBoard: the CSV log is the record
+                    warnings.warn(f"TensorBoard logging is off: tensorboard is not installed (pip install "
+                                  f"'napari-restore[train]'); the training log is {log_path}", RuntimeWarning,
+                                  stacklevel=2)
+                except Exception as exc:  # tensorboard broken: only TB is skipped
                     warnings.warn(f"TensorBoard logging is off ({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=2)
             if not log_path.exists() or self.ckpt is None:
                 with open(log_path, "w", newline="") as fh:
