@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from psygnal import evented
+from psygnal import Signal, SignalGroup, evented
 
 TASKS = ("denoise", "deblur", "enhance", "restore")
 TASK_LABELS = {"denoise": "Denoise", "deblur": "Deblur", "enhance": "Enhance edges",
@@ -94,11 +94,24 @@ class TrainState:
     status: str = "Ready"
 
 
+class WidgetEvents(SignalGroup):
+    """What one tab tells the others (they never touch each other's controls).
+
+    ``restored(input name, output name)``: a restoration added or refilled a layer;
+    ``models_changed()``: a model was loaded or saved (lists must be re-read);
+    ``model_saved(name)``: a fine-tuned model was saved under ``name``.
+    """
+
+    restored = Signal(str, str)
+    models_changed = Signal()
+    model_saved = Signal(str)
+
+
 #: The fields written to the settings file, per state object.
 PERSISTED = {
     "restore": ("task", "model", "device", "strength", "batch_size", "tile", "overlap", "ensemble", "extra_models"),
     "export": ("deidentify", "last_folder"),
-    "train": ("mode", "task", "epochs", "steps_per_epoch", "folder", "name"),
+    "train": ("mode", "task", "base_model", "epochs", "steps_per_epoch", "folder", "name"),
 }
 
 

@@ -118,9 +118,11 @@ def find_model(task: str, modality: str, dims: int | None = None,
     apart, and never when the spacing is not given.
     Preference: exact modality over ``"any"``, then a model made for this slice spacing over a
     general one, then the highest version, then a user model over a bundled one. A volume of
-    unknown modality (``"OT"``) only matches ``"any"`` models.
+    unknown modality (``"OT"``) only matches ``"any"`` models. A model worse than its input on its
+    validation, or a fine-tune that does not beat the model it started from, is never picked
+    (:meth:`ModelCard.auto_eligible`).
     """
-    cards = [c for c in list_models(task=task) if c.modality in (modality.upper(), "any")]
+    cards = [c for c in list_models(task=task) if c.modality in (modality.upper(), "any") and c.auto_eligible()]
     if dims is not None:
         cards = [c for c in cards if c.dims == dims]
     cards = [c for c in cards if c.max_slice_spacing_mm is None

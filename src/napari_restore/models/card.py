@@ -206,6 +206,21 @@ class ModelCard:
         """Neighbouring slices per side a 2-D (2.5-D) network reads; 0 for single-slice and 3-D models."""
         return int(self.architecture.get("args", {}).get("context", 0))
 
+    def auto_eligible(self) -> bool:
+        """Whether "Auto" may pick this model: it is not worse than its input on its own validation
+        data (``psnr_gain_db`` >= 0), and a fine-tuned model beats the model it started from on the
+        same validation data (``val_psnr`` > ``val_psnr_init``, else ``val_loss`` < ``val_loss_init``).
+        A model that fails is still listed and can be chosen by name."""
+        m = self.metrics or {}
+        num = lambda k: isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)  # noqa: E731
+        if num("psnr_gain_db") and m["psnr_gain_db"] < 0:
+            return False
+        if num("val_psnr") and num("val_psnr_init"):
+            return m["val_psnr"] > m["val_psnr_init"]
+        if num("val_loss") and num("val_loss_init"):
+            return m["val_loss"] < m["val_loss_init"]
+        return True
+
     def version_key(self) -> tuple[int, ...]:
         """``"1.10.2"`` -> ``(1, 10, 2)``; non-numeric parts count as 0."""
         return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.\-+]", self.version))

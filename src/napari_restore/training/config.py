@@ -81,7 +81,8 @@ class TrainConfig:
         see :func:`~napari_restore.training.data.resliced_views`; not for CT denoising, whose
         noise is simulated in the axial plane, nor paired data), seed, device, num_workers.
     Output card: name (default: the output folder's name), version, description, license,
-        overwrite; tensorboard, progress_bar; command (recorded in the card; default sys.argv).
+        data_description (what the card names as training data instead of the file paths, e.g.
+        napari layer names for data written to a temporary folder), overwrite; tensorboard, progress_bar; command (recorded in the card; default sys.argv).
     """
 
     data: list[str]
@@ -138,6 +139,7 @@ class TrainConfig:
     version: str = "0.1.0"
     description: str = ""
     license: str = ""
+    data_description: list[str] = field(default_factory=list)
     overwrite: bool = False
     tensorboard: bool = True
     progress_bar: bool = True

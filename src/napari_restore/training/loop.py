@@ -161,6 +161,7 @@ class _Run:
         self.arch = arch
         self.context = int(arch["args"]["context"])  # always present: built by build_network
         self.init_spacing_limit = init_card.max_slice_spacing_mm if init_card is not None else None
+        self.init_name = f"{init_card.name} v{init_card.version}" if init_card is not None else None
         if self.ckpt is not None:
             saved = self.ckpt.get("architecture") or {}
             if saved.get("name") != arch["name"] or build_network(saved["name"], saved.get("args")).config != arch["args"]:
@@ -272,6 +273,7 @@ class _Run:
         self.best: dict[str, Any] = {}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.since_best = 0
+        self.init_val: dict[str, Any] = {}  # validation of the init model before any step
         if self.ckpt is not None:
             if self.ckpt.get("optimizer"):
                 self.opt.load_state_dict(self.ckpt["optimizer"])
@@ -282,6 +284,7 @@ class _Run:
             self.best = dict(self.ckpt.get("best", {}))
             self.best_state = self.ckpt.get("best_state")
             self.since_best = int(self.ckpt.get("since_best", 0))
+            self.init_val = dict(self.ckpt.get("init_val") or {})
             if "torch_rng" in self.ckpt:
                 torch.set_rng_state(self.ckpt["torch_rng"])
             if self.epoch >= cfg.epochs:
@@ -333,6 +336,8 @@ class _Run:
         cfg, info = self.cfg, self.info
         run_dir = cfg.run_path
         self.base = self.baseline()
+        if self.init_name and not self.init_val and self.step == 0:
+            self.init_val = self.validate()  # the model it starts from, on the same validation data
         writer, log_path = None, run_dir / "log.csv"
         if info.is_main:
             try:
@@ -470,6 +475,7 @@ class _Run:
             "scheduler": self.sched.state_dict() if self.sched is not None else {},
             "epoch": self.epoch, "step": self.step, "history": self.history, "best": self.best,
             "best_state": self.best_state, "since_best": self.since_best, "torch_rng": torch.get_rng_state(),
+            "init_val": self.init_val,
             "config": self.cfg.to_dict(),
         }
         _save_checkpoint(run_dir / "last.pt", data)
@@ -498,14 +504,19 @@ class _Run:
                 metrics[k] = float(f"{float(self.best[k]):.6g}")
             if self.base.get(k) is not None:
                 metrics[k + "_input"] = float(f"{float(self.base[k]):.6g}")
+            if self.init_val.get(k) is not None:
+                metrics[k + "_init"] = float(f"{float(self.init_val[k]):.6g}")
         if metrics.get("val_psnr") is not None and metrics.get("val_psnr_input") is not None:
             metrics["psnr_gain_db"] = round(metrics["val_psnr"] - metrics["val_psnr_input"], 3)
         if self.modality == "CT" and "val_psnr" in metrics:
             metrics["metric_convention"] = "CT PSNR/SSIM on HU windowed W400/L50 to [0, 1]"
         elif "val_psnr" in metrics:
             metrics["metric_convention"] = "MR PSNR/SSIM in network units (1st..99th percentile -> 0..1), data range 1"
-        sources = sorted({s.source for s in self.train_series})
-        val_sources = sorted({s.source for s in self.val_series})
+        sources = list(cfg.data_description) or sorted({s.source for s in self.train_series})
+        val_sources = [] if cfg.data_description else sorted({s.source for s in self.val_series})
+        # data written to a temporary folder (the widget): the card names the description, not the files
+        hidden = {"command"} | ({"data", "val_data", "low_data", "output", "run_dir", "cache_dir"}
+                                if cfg.data_description else set())
         what = {"supervised": f"supervised on synthetic {self.degradation.kind if self.degradation else ''} degradations",
                 "paired": "paired low-dose / full-dose scans",
                 "self-supervised": f"self-supervised ({cfg.self_supervised})"}[cfg.mode]
@@ -519,7 +530,8 @@ class _Run:
             "description": cfg.description or f"{cfg.task} model for {self.modality}, trained {what}.",
             "license": cfg.license, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "training": {"mode": cfg.mode, "command": cfg.command, "validation_data": val_sources,
-                         "config": {k: v for k, v in cfg.to_dict().items() if k not in ("command",)},
+                         "init_model": self.init_name,
+                         "config": {k: v for k, v in cfg.to_dict().items() if k not in hidden},
                          "history": self.history, "stopped_early": self.epoch < cfg.epochs},
         }
 

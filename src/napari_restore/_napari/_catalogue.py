@@ -1,0 +1,140 @@
+"""The model catalogue the widget shows (Qt-free, unit-tested): installed models, models the user
+loaded from a folder or a MONAI bundle, the choices per task and modality, what "Auto" picks,
+and the models a fine-tune can start from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import RestoreError
+from ._state import AUTO_MODEL
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """One entry of a model list: the value the state stores, the text shown, and the card."""
+
+    key: str
+    label: str
+    card: Any
+
+
+def model_label(card: Any) -> str:
+    """``"name v1.2 (2D, CT)"``."""
+    return f"{card.name} v{card.version} ({card.dims}D{', ' + card.modality if card.modality != 'any' else ''})"
+
+
+class ModelCatalogue:
+    """Installed models plus the ones loaded by path (``extra_models``: folders / files / bundles).
+
+    ``extra_models`` is the list the restore state persists; the catalogue reads it, never owns it.
+    """
+
+    def __init__(self, extra_models: list[str] | None = None) -> None:
+        self.extra_models: list[str] = list(extra_models or [])
+        self.bundles: dict[str, Any] = {}  # path -> loaded MONAI bundle (a LoadedModel)
+
+    # ------------------------------------------------------------------ cards
+    def all_cards(self) -> list[Any]:
+        """Every installed card, then the loaded ones (an unreadable extra path is skipped)."""
+        from .. import list_models
+        from ..models import read_card
+
+        cards = list(list_models())
+        for p in list(self.extra_models):
+            try:
+                cards.append(self.bundles[p].card if p in self.bundles else read_card(p, source="loaded"))
+            except RestoreError:
+                continue
+        return cards
+
+    def key_of(self, card: Any) -> str:
+        """What the state stores for ``card``: an installed model's name, else its path."""
+        if card.path is not None:
+            for p in self.extra_models:
+                if str(card.path).startswith(str(Path(p))):
+                    return p
+        if card.source in ("loaded", "") and card.path is not None:
+            return str(card.path.parent if card.path.name == "model.pt" else card.path)
+        return card.name
+
+    def choices(self, task: str, modality: str) -> list[ModelChoice]:
+        """The models for ``task`` that suit ``modality`` (all of them for an unknown modality)."""
+        out = []
+        for c in self.all_cards():
+            if c.task == task and (modality not in ("CT", "MR") or c.modality in (modality, "any")):
+                out.append(ModelChoice(self.key_of(c), model_label(c), c))
+        return out
+
+    def add_path(self, path: str | Path) -> tuple[str, Any]:
+        """Load a model folder / file or a MONAI bundle folder; returns ``(key, card)``.
+
+        Raises:
+            ModelError: not a model (the message names the file and the problem).
+        """
+        from ..models import read_card
+
+        path = Path(path)
+        key = str(path)
+        if path.is_dir() and not (path / "card.json").is_file() and (path / "configs").is_dir():
+            from ..training import load_bundle
+
+            loaded = load_bundle(path)
+            self.bundles[key] = loaded
+            card = loaded.card
+        else:
+            card = read_card(path, source="loaded")
+        if key not in self.extra_models:
+            self.extra_models.append(key)
+        return key, card
+
+    def model_arg(self, key: str) -> Any:
+        """The ``model=`` argument of :func:`napari_restore.restore` for a stored key."""
+        if key == AUTO_MODEL:
+            return None
+        return self.bundles.get(key, key)
+
+    # ------------------------------------------------------------------ auto
+    @staticmethod
+    def auto_card(task: str, modality: str, mode: str, slice_distance: float | None) -> Any:
+        """The model "Auto" runs (None for the ``restore`` pipeline or when none is installed)."""
+        if task == "restore":
+            return None
+        from ..models import find_model
+
+        return find_model(task, modality if modality in ("CT", "MR") else "any", 3 if mode == "3d" else 2,
+                          slice_distance)
+
+    def context_slices(self, key: str, task: str, modality: str, slice_distance: float | None,
+                       cards: dict[str, Any]) -> int:
+        """Neighbouring slices per side the chosen 2-D model(s) read (2.5-D models; 0 otherwise)."""
+        if key != AUTO_MODEL:
+            chosen = [cards.get(key)]
+        elif task == "restore":
+            from ..inference import PIPELINE
+            from ..models import find_model
+
+            m = modality if modality in ("CT", "MR") else "any"
+            chosen = [find_model(t, m, 2, slice_distance) for t in PIPELINE]
+        else:
+            chosen = [self.auto_card(task, modality, "2d", slice_distance)]
+        return max([c.context for c in chosen if c is not None], default=0)
+
+    # ------------------------------------------------------------------ fine-tune
+    def base_choices(self, task: str, modality: str, every_modality: bool = False) -> list[ModelChoice]:
+        """2-D models a fine-tune can start from: the layer's modality first; others only when
+        ``every_modality`` (a CT model is no start for MR data)."""
+        try:
+            cards = [c for c in self.all_cards() if c.task == task and c.dims == 2]
+        except RestoreError:
+            return []
+        known = modality in ("CT", "MR")
+        same = [c for c in cards if not known or c.modality in (modality, "any")]
+        other = [c for c in cards if known and c.modality not in (modality, "any")] if every_modality else []
+        out = []
+        for c in same + other:
+            key = c.name if c.source in ("bundled", "user") else str(c.path.parent)
+            out.append(ModelChoice(key, f"{c.name} v{c.version}" + (f" ({c.modality})" if c in other else ""), c))
+        return out
