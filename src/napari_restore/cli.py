@@ -16,11 +16,10 @@ from pathlib import Path
 
 from . import __version__
 from .errors import Cancelled, InputError, RestoreError
-from .models.card import ENSEMBLE_SIZES
+from .options import add_restore_options, options_from_args
 from .volume import Volume
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
-TASKS = ("denoise", "deblur", "enhance", "restore")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -85,6 +84,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             src = fetch_source(args.input, progress=bar).folder
         finally:
             done()
+    options = options_from_args(args)  # checked before the series is read
     volume = _pick_series(load(src), args.series, src)
     if args.modality and volume.modality == "OT":  # NIfTI/MHA do not say: the user does
         volume.modality = args.modality.upper()
@@ -97,11 +97,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         check_burned_in(volume.meta.get("dicom_header"), args.accept_burned_in, out)  # before the long run
         key = args.deidentify_key or os.environ.get("NAPARI_RESTORE_DEID_KEY") or None
         deid = Deidentifier(key=key, dates=args.deidentify_dates)
-    progress, close = _progress_bar(f"{args.task} {volume.meta.get('description', src.name)}")
+    progress, close = _progress_bar(f"{options.task} {volume.meta.get('description', src.name)}")
     try:
-        result = restore(volume, task=args.task, model=args.model, mode=args.mode, device=args.device,
-                         strength=args.strength, batch_size=args.batch_size, tile=args.tile,
-                         overlap=args.overlap, ensemble=args.ensemble, progress=progress)
+        result = restore(volume, options=options, progress=progress)
     finally:
         close()
     kwargs = {}
@@ -193,14 +191,12 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     warnings.simplefilter("ignore", UserWarning)  # reader notes go to the manifest's warnings column
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # a corrupt file's message goes to the manifest
-    result = run_batch(args.input_root, args.output_root, task=args.task, model=args.model, mode=args.mode,
-                       device=args.device, format=args.format, deidentify=args.deidentify,
+    result = run_batch(args.input_root, args.output_root, options_from_args(args), format=args.format,
+                       deidentify=args.deidentify,
                        deidentify_key=args.deidentify_key, deidentify_dates=args.deidentify_dates,
                        accept_burned_in=args.accept_burned_in, retry_failed=args.retry_failed, dry_run=args.dry_run,
                        shard=args.shard, readers=args.readers, writers=args.writers, prefetch=args.prefetch,
-                       pool=args.pool,
-                       max_voxels=args.max_voxels, strength=args.strength, batch_size=args.batch_size,
-                       tile=args.tile, ensemble=args.ensemble, progress=False if args.no_progress else "auto")
+                       pool=args.pool, max_voxels=args.max_voxels, progress=False if args.no_progress else "auto")
     return result.exit_code
 
 
@@ -250,24 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("input", help="a DICOM file or folder (recursive), .nii/.nii.gz, .mha/.nrrd, or "
                    "pacs://SERVER/STUDY_UID/SERIES_UID (see `napari-restore pacs`)")
     r.add_argument("output", help="a .nii/.nii.gz/.mha/.nrrd file, or a folder for a derived DICOM series")
-    r.add_argument("--task", choices=TASKS, default="denoise",
-                   help="denoise, deblur, enhance (edge enhancement that does not amplify noise) or restore "
-                        "(denoise -> deblur -> enhance). Default: denoise")
-    r.add_argument("--model", default=None, help="an installed model's name or a model folder/.pt/.json path; "
-                   "default: the best installed model for the task and the series' modality")
-    r.add_argument("--mode", choices=("2d", "3d"), default="2d",
-                   help="2d: slice by slice along the acquisition axis; 3d: sliding window. Default: 2d")
-    r.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N, mps")
-    r.add_argument("--strength", type=float, default=1.0,
-                   help="0..1: blend between the input (0) and the full restoration (1). Default: 1")
     r.add_argument("--series", default=None, help="which series when INPUT holds several: an index from "
                    "`napari-restore info INPUT`, a SeriesNumber or a SeriesInstanceUID (default: the main one)")
-    r.add_argument("--batch-size", type=int, default=None, help="slices or windows per pass (default: adapts to memory)")
-    r.add_argument("--tile", type=int, default=None, help="tile edge in voxels (default: whole slices in 2d)")
-    r.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction (default 0.25)")
-    r.add_argument("--ensemble", type=int, choices=ENSEMBLE_SIZES, default=None,
-                   help="average the network over 1, 2, 4 or 8 in-plane flips/rotations of each slice (that many "
-                        "times the time; default: the model card's choice, 1 unless it says otherwise)")
+    add_restore_options(r)
     r.add_argument("--format", choices=("dicom", "nifti", "mha", "nrrd"), default=None,
                    help="force the output format (default: from OUTPUT's suffix; no suffix = DICOM folder)")
     r.add_argument("--series-description", default=None, help="SeriesDescription of an exported DICOM series")
@@ -337,12 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Under torchrun each rank takes its share; --shard i/n does the same for job arrays.")
     b.add_argument("input_root", help="the input tree (never modified)")
     b.add_argument("output_root", help="the output tree; manifest.csv is written here")
-    b.add_argument("--task", choices=TASKS, default="denoise", help="as for restore (default denoise)")
-    b.add_argument("--model", default=None, help="an installed model's name or a model folder/.pt/.json path, loaded "
-                   "once; default: the best installed model for the task and each series' modality")
-    b.add_argument("--mode", choices=("2d", "3d"), default="2d", help="as for restore (default 2d)")
-    b.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (under torchrun: auto = one GPU per "
-                   "rank by LOCAL_RANK)")
+    add_restore_options(b, help={
+        "model": "an installed model's name or a model folder/.pt/.json path, loaded once",
+        "device": "auto, cpu, cuda, cuda:N, mps (under torchrun: auto = one GPU per rank by LOCAL_RANK)"})
     b.add_argument("--format", choices=("auto", "dicom", "nifti"), default="auto",
                    help="output: a DICOM series per input series, or one .nii.gz each; default auto = like the input")
     b.add_argument("--deidentify", action="store_true", help="DICOM output: PS3.15 Annex E basic profile (as restore)")
@@ -365,11 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prefetch", type=int, default=1, help="series read ahead of the model (default 1)")
     b.add_argument("--max-voxels", type=int, default=None, help="record series larger than this as failed "
                    "('too large') instead of reading them")
-    b.add_argument("--strength", type=float, default=1.0, help="as for restore")
-    b.add_argument("--batch-size", type=int, default=None, help="as for restore")
-    b.add_argument("--tile", type=int, default=None, help="as for restore")
-    b.add_argument("--ensemble", type=int, choices=ENSEMBLE_SIZES, default=None,
-                   help="as for restore (default: each model card's choice)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar (one line per series is still printed)")
     b.set_defaults(func=cmd_batch)
 

@@ -34,16 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .constants import PIPELINE, TASKS
 from .errors import Cancelled, InputError, ModelError, RestoreError
 from .geometry import largest_step
 from .intensity import Normalizer, default_spec
 from . import models as _models
 from .models import LoadedModel, ModelCard, find_model, load_model, user_model_dirs
-from .networks import ENSEMBLE_SIZES, mirror_indices
+from .networks import mirror_indices
+from .options import RestoreOptions, accepts_options
 from .volume import Volume
 
-TASKS = ("denoise", "deblur", "enhance", "restore")
-PIPELINE = ("denoise", "deblur", "enhance")
 ProgressFn = Callable[[int, int], Any]
 CancelFn = Callable[[], bool]
 
@@ -149,15 +149,6 @@ def _free_bytes(device: torch.device) -> int | None:
         except Exception:  # pragma: no cover - driver quirks
             return None
     return None
-
-
-def _as_tile(tile: Any, ndim: int) -> tuple[int, ...] | None:
-    if tile is None:
-        return None
-    t = (int(tile),) * ndim if isinstance(tile, (int, np.integer)) else tuple(int(v) for v in tile)
-    if len(t) != ndim or min(t) < 1:
-        raise InputError(f"tile must be a positive int or {ndim} positive ints for this mode, got {tile!r}")
-    return t
 
 
 def _split_pad(size: int, multiple: int) -> tuple[int, int]:
@@ -525,37 +516,29 @@ def _resolve_steps(task: str, model: Any, volume: Volume, mode: str, device: tor
 # ---------------------------------------------------------------------------- public
 def check_options(task: str, mode: str, strength: Any, overlap: float, batch_size: int | None,
                   ensemble: int | None) -> tuple[str, str, float]:
-    """Validate :func:`restore`'s options; returns ``(task, mode, strength)`` normalised.
+    """Validate some of :func:`restore`'s options; returns ``(task, mode, strength)`` normalised.
+
+    Kept for callers of earlier versions: :class:`~napari_restore.options.RestoreOptions` checks them all.
 
     Raises:
         InputError: an unknown task or mode, or a value out of range.
     """
-    if task not in TASKS:
-        raise InputError(f"unknown task {task!r}; use one of {TASKS}")
-    mode = str(mode).lower()
-    if mode not in ("2d", "3d"):
-        raise InputError(f"mode must be '2d' or '3d', got {mode!r}")
-    try:
-        strength = float(strength)
-    except (TypeError, ValueError):
-        raise InputError(f"strength must be a number in [0, 1], got {strength!r}") from None
-    if not 0.0 <= strength <= 1.0:
-        raise InputError(f"strength must be in [0, 1], got {strength}")
-    if not 0.0 <= float(overlap) < 1.0:
-        raise InputError(f"overlap must be in [0, 1), got {overlap}")
-    if batch_size is not None and (int(batch_size) != batch_size or batch_size < 1):
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if ensemble is not None and (isinstance(ensemble, bool) or ensemble not in ENSEMBLE_SIZES):
-        raise InputError(f"ensemble must be one of {ENSEMBLE_SIZES} or None (the model card's), got {ensemble!r}")
-    return task, mode, strength
+    o = RestoreOptions(task=task, mode=mode, strength=strength, overlap=overlap, batch_size=batch_size,
+                       ensemble=ensemble)
+    return o.task, o.mode, o.strength
 
 
+@accepts_options
 def restore(volume: Volume, task: str = "denoise", model: Any = None, mode: str = "2d",
             device: str | torch.device = "auto", progress: ProgressFn | None = None,
             cancel: CancelFn | None = None, strength: float = 1.0, batch_size: int | None = None,
             tile: int | Sequence[int] | None = None, overlap: float = 0.25,
-            stitch_device: str | None = None, ensemble: int | None = None) -> Volume:
+            stitch_device: str | None = None, ensemble: int | None = None,
+            options: RestoreOptions | None = None) -> Volume:
     """Restore ``volume`` with a model; returns a new Volume (same geometry) with provenance.
+
+    The options (``task`` ... ``ensemble``) may come as one :class:`~napari_restore.options.RestoreOptions`
+    (``options=``); the ones also passed as arguments override it. They are checked once, there.
 
     Args:
         volume: 3-D ``(z, y, x)`` or 4-D ``(t, z, y, x)`` Volume in physical units (HU for CT);
@@ -579,6 +562,7 @@ def restore(volume: Volume, task: str = "denoise", model: Any = None, mode: str 
         ensemble: geometric self-ensemble of the learned steps: the mean over 1, 2, 4 or 8 in-plane
             flips/rotations of the input (that many times the time); ``None`` = each model card's
             ``self_ensemble`` (1 unless the card says otherwise).
+        options: all of the above at once (see :class:`~napari_restore.options.RestoreOptions`).
 
     Raises:
         InputError: bad arguments. ModelError: no usable model. Cancelled: ``cancel()`` said so.
@@ -586,8 +570,7 @@ def restore(volume: Volume, task: str = "denoise", model: Any = None, mode: str 
     t0 = time.perf_counter()
     if not isinstance(volume, Volume):
         raise InputError(f"restore() needs a napari_restore.Volume, got {type(volume).__name__}")
-    task, mode, strength = check_options(task, mode, strength, overlap, batch_size, ensemble)
-    tile_t = _as_tile(tile, 2 if mode == "2d" else 3)
+    tile_t = tile  # options (made by @accepts_options) checked them: tile is None or one int per axis
     dev = resolve_device(device)
     warn: list[str] = []
     steps, skipped = _resolve_steps(task, model, volume, mode, dev, warn, ensemble)

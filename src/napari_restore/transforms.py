@@ -6,6 +6,10 @@ MONAI ``MetaTensor``, restore every channel on its own, and return the same type
 dtype float32; a ``MetaTensor`` keeps its meta and affine. Dictionary forms :class:`Denoised`,
 :class:`Deblurd`, :class:`EnhanceEdgesd`, :class:`Restored` apply them to ``keys``.
 
+Options: every transform takes the fields of :class:`~napari_restore.options.RestoreOptions`
+but ``task`` (the class says it) as keyword arguments, or ``options=`` a RestoreOptions (the
+keyword arguments override it), plus ``modality`` for images whose meta does not say.
+
 Geometry: MONAI holds ``(i, j, k)`` with a RAS affine (``meta["space"] == "RAS"``, the default
 of ``LoadImage``) or an LPS one; a Volume holds ``(k, j, i)`` with an LPS affine. 2-D mode
 therefore runs slice by slice along MONAI's last spatial axis ``k`` (the Volume's axis 0, the
@@ -20,7 +24,7 @@ Example::
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,6 +35,7 @@ from monai.transforms import MapTransform, Transform
 from monai.utils import TransformBackends, convert_data_type, convert_to_dst_type
 
 from .errors import InputError
+from .options import RestoreOptions, with_option_parameters
 from .volume import Volume
 
 _FLIP_XY = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -81,12 +86,15 @@ class _RestoreTransform(Transform):
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
     task = "denoise"
 
-    def __init__(self, model: Any = None, modality: str | None = None, mode: str = "2d",
-                 device: str = "auto", strength: float = 1.0, batch_size: int | None = None,
-                 tile: int | Sequence[int] | None = None, overlap: float = 0.25, ensemble: int | None = None) -> None:
-        self.model, self.modality, self.mode, self.device = model, modality, mode, device
-        self.strength, self.batch_size, self.tile, self.overlap = strength, batch_size, tile, overlap
-        self.ensemble = ensemble
+    @with_option_parameters(exclude=("task",))
+    def __init__(self, options: RestoreOptions | Mapping[str, Any] | None = None, *, modality: str | None = None,
+                 **restore_options: Any) -> None:
+        """``options`` and ``**restore_options``: see :class:`~napari_restore.options.RestoreOptions`
+        (``task`` is the class's); ``modality``: ``"CT"``/``"MR"`` when the image's meta does not say."""
+        if "task" in restore_options:
+            raise TypeError(f"{type(self).__name__} sets the task itself ({self.task!r}); use another transform")
+        self.options = RestoreOptions.build(options, **restore_options, task=self.task)
+        self.modality = modality
 
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
         """``img``: ``(C, I, J, K)`` or ``(C, H, W)``, physical units; returns the same type/shape."""
@@ -96,9 +104,7 @@ class _RestoreTransform(Transform):
         out = np.empty(arr.shape, dtype=np.float32)
         for c in range(arr.shape[0]):
             vol = volume_from_image(img, c, self.modality)
-            res = restore(vol, task=self.task, model=self.model, mode=self.mode, device=self.device,
-                          strength=self.strength, batch_size=self.batch_size, tile=self.tile,
-                          overlap=self.overlap, ensemble=self.ensemble)
+            res = restore(vol, options=self.options)
             r = res.array[0] if arr.ndim == 3 else res.array
             out[c] = r.T
         return convert_to_dst_type(out, img, dtype=torch.float32 if torch.is_tensor(img) else np.float32)[0]
@@ -137,14 +143,11 @@ class _RestoreTransformd(MapTransform):
     backend = _RestoreTransform.backend
     array_cls: type[_RestoreTransform] = Denoise
 
-    def __init__(self, keys: KeysCollection, model: Any = None, modality: str | None = None,
-                 mode: str = "2d", device: str = "auto", strength: float = 1.0,
-                 batch_size: int | None = None, tile: int | Sequence[int] | None = None,
-                 overlap: float = 0.25, ensemble: int | None = None, allow_missing_keys: bool = False) -> None:
+    @with_option_parameters(exclude=("task",))
+    def __init__(self, keys: KeysCollection, options: RestoreOptions | Mapping[str, Any] | None = None, *,
+                 modality: str | None = None, allow_missing_keys: bool = False, **restore_options: Any) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.transform = self.array_cls(model=model, modality=modality, mode=mode, device=device,
-                                        strength=strength, batch_size=batch_size, tile=tile, overlap=overlap,
-                                        ensemble=ensemble)
+        self.transform = self.array_cls(options, modality=modality, **restore_options)
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
