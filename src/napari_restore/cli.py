@@ -11,38 +11,19 @@ import argparse
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 from .errors import Cancelled, InputError, RestoreError
 from .options import add_restore_options, options_from_args
+from .terminal import progress_bar as _progress_bar
 from .volume import Volume
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 
 
 # ----------------------------------------------------------------------------- helpers
-def _progress_bar(desc: str, unit: str = "batch") -> tuple[Callable[[int, int], None], Callable[[], None]]:
-    """A ``progress(done, total)`` callable drawing a tqdm bar, and a function that closes it."""
-    from tqdm import tqdm
-
-    bar: dict[str, tqdm] = {}
-
-    def progress(done: int, total: int) -> None:
-        if "bar" not in bar:
-            bar["bar"] = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True)
-        b = bar["bar"]
-        b.total = total
-        b.update(done - b.n)
-
-    def close() -> None:
-        if "bar" in bar:
-            bar["bar"].close()
-
-    return progress, close
-
-
 def _pick_series(volumes: list[Volume], series: str | None, path: Path) -> Volume:
     """The volume chosen by ``--series`` (index, SeriesNumber or SeriesInstanceUID), else the main one."""
     if series is None:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import InputError, OutputError
-from .models.card import ENSEMBLE_SIZES
+from .constants import ENSEMBLE_SIZES
 from .volume import Volume
 
 METHODS = ("input", "model", "nlm", "bm3d", "rl")

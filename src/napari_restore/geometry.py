@@ -129,8 +129,6 @@ def subvolume(volume: "Volume", start: int, stop: int) -> "Volume":
     range (exact for a uniform run); per-slice meta (source references, positions) follows the
     slices; ``meta["subvolume"]`` records ``(start, stop, nz)``.
     """
-    from .volume import Volume
-
     nz = volume.spatial_shape[0]
     if not 0 <= start < stop <= nz:
         raise InputError(f"slices {start}:{stop} are outside the volume's {nz} slices")
@@ -143,7 +141,7 @@ def subvolume(volume: "Volume", start: int, stop: int) -> "Volume":
     meta["subvolume"] = (int(start), int(stop), int(nz))
     meta["slice_spacing_nonuniform"] = False
     array = volume.array[..., start:stop, :, :]
-    return Volume(np.ascontiguousarray(array), affine, volume.modality, meta)
+    return type(volume)(np.ascontiguousarray(array), affine, volume.modality, meta)
 
 
 def resampled_uniform(volume: "Volume", step_mm: float | None = None) -> "Volume":

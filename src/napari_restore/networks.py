@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ModelError
-from .models.card import ENSEMBLE_SIZES
+from .constants import ENSEMBLE_SIZES
 
 #: Default arguments of the 2-D residual U-Net (channels 16-128, three stride-2 levels).
 DEFAULT_2D: dict[str, Any] = {

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
-from .card import MODALITIES, TASKS, ModelCard
+from ..constants import MODALITIES, TASKS
+from .card import ModelCard
 
 BUNDLED_DIR = Path(__file__).resolve().parent
 CARD_NAME, WEIGHTS_NAME = "card.json", "model.pt"
@@ -215,7 +216,7 @@ def load_model(name_or_path: str | os.PathLike | ModelCard, device: str = "cpu")
     else:
         path = Path(name_or_path)
         if path.is_dir() and (path / "configs" / "metadata.json").is_file():  # a MONAI bundle
-            from ..training.bundle import load_bundle
+            from .bundle import load_bundle
 
             return load_bundle(path, device=device)
         looks_like_path = path.exists() or path.suffix in (".json", ".pt", ".pth") or len(path.parts) > 1

@@ -38,12 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..constants import ENSEMBLE_SIZES, MODALITIES, TASKS
 from ..errors import ModelError
 from ..intensity import validate_spec
 
-TASKS = ("denoise", "deblur", "enhance", "restore")
-MODALITIES = ("CT", "MR", "any")
-ENSEMBLE_SIZES = (1, 2, 4, 8)  # self_ensemble: in-plane flips/rotations averaged (networks.SelfEnsemble)
 FORMAT_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _KNOWN = {"format_version", "name", "version", "task", "modality", "dims", "architecture", "intensity",

@@ -13,9 +13,9 @@ _HEAD = {"NumberOfSeriesRelatedInstances": "N", "SeriesNumber": "#", "SeriesDesc
 
 
 def _bar(desc: str):
-    from ..cli import _progress_bar
+    from ..terminal import progress_bar
 
-    return _progress_bar(desc, unit="inst")
+    return progress_bar(desc, unit="inst")
 
 
 def cmd_add(args: argparse.Namespace) -> int:

@@ -12,10 +12,8 @@ Layout written by :func:`export_bundle` (MONAI bundle specification)::
       docs/README.md                 # what it is, how to use it, training data and figures
       LICENSE                        # when the card names a licence
 
-:func:`load_bundle` reads only ``metadata.json`` and the card JSON, builds a whitelisted
-architecture (:data:`napari_restore.networks.ARCHITECTURES`) and loads ``models/model.pt`` with
-``weights_only=True``; no expression of the bundle's configs is ever evaluated.
-:func:`napari_restore.models.load_model` calls it for a folder that holds ``configs/metadata.json``.
+Reading a bundle back (:func:`load_bundle`, :func:`read_bundle_card`, :func:`is_bundle`) is the model
+registry's business and lives in :mod:`napari_restore.models.bundle`; they are re-exported here.
 """
 from __future__ import annotations
 
@@ -24,20 +22,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelError
+from ..models.bundle import CARD, INFERENCE, METADATA, WEIGHTS, is_bundle, load_bundle, read_bundle_card
 
-METADATA = Path("configs") / "metadata.json"
-CARD = Path("configs") / "napari_restore_card.json"
-INFERENCE = Path("configs") / "inference.json"
-WEIGHTS = Path("models") / "model.pt"
 SCHEMA = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20220324.json"
-_REQUIRED_META = ("version", "monai_version", "pytorch_version", "numpy_version", "network_data_format")
-
-
-def is_bundle(path: str | os.PathLike) -> bool:
-    """True for a folder holding ``configs/metadata.json``."""
-    p = Path(path)
-    return p.is_dir() and (p / METADATA).is_file()
 
 
 def _versions() -> dict[str, str]:
@@ -167,45 +154,6 @@ def export_bundle(model, folder: str | os.PathLike, overwrite: bool = False) -> 
         if card.license:
             (tmp / "LICENSE").write_text(card.license + "\n", encoding="utf-8")
     return folder
-
-
-def read_bundle_card(folder: str | os.PathLike):
-    """The :class:`~napari_restore.models.ModelCard` of a bundle (``path`` = its weights)."""
-    from ..models import ModelCard
-
-    folder = Path(folder)
-    meta_path = folder / METADATA
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ModelError("not a MONAI bundle: configs/metadata.json is missing", folder) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"configs/metadata.json is not readable JSON ({exc})", folder) from None
-    missing = [k for k in _REQUIRED_META if k not in meta] if isinstance(meta, dict) else list(_REQUIRED_META)
-    if missing:
-        raise ModelError(f"configs/metadata.json lacks the MONAI bundle key(s) {missing}", folder)
-    if not (folder / CARD).is_file():
-        raise ModelError("this MONAI bundle has no configs/napari_restore_card.json, so napari-restore cannot tell "
-                         "its architecture and intensity mapping (only bundles exported by napari-restore load)", folder)
-    card = ModelCard.read(folder / CARD)
-    if str(meta.get("version")) != card.version:
-        raise ModelError(f"metadata.json version {meta.get('version')!r} differs from the card's {card.version!r}", folder)
-    card.path, card.source = folder / WEIGHTS, "bundle"
-    return card
-
-
-def load_bundle(folder: str | os.PathLike, device: str = "cpu"):
-    """Load a bundle written by :func:`export_bundle` as a ``LoadedModel`` (safe: no config evaluation).
-
-    Raises:
-        ModelError: missing/invalid metadata or card, unknown architecture, unsafe or mismatching weights.
-    """
-    from ..models import LoadedModel, build_from_card, load_weights
-
-    card = read_bundle_card(folder)
-    net = build_from_card(card, load_weights(card.path))
-    net.eval().to(device)
-    return LoadedModel(card, net)
 
 
 __all__ = ["export_bundle", "load_bundle", "read_bundle_card", "is_bundle"]

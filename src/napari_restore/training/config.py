@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..constants import IMAGE_MODALITIES, TRAIN_TASKS
 from ..errors import InputError
 
 MODES = ("supervised", "paired", "self-supervised")
 SELF_SUPERVISED = ("n2n", "n2v")
 SCHEDULES = ("cosine", "plateau", "none")
 LOSSES = ("l1", "mse")
-TRAIN_TASKS = ("denoise", "deblur")
 
 
 @dataclass
@@ -169,7 +169,7 @@ class TrainConfig:
         if self.mode != "paired" and self.low_data:
             raise bad("low_data is only used in paired mode")
         self.modality = self.modality if self.modality == "auto" else str(self.modality).upper()
-        if self.modality not in ("auto", "CT", "MR"):
+        if self.modality not in ("auto", *IMAGE_MODALITIES):
             raise bad(f"modality must be 'auto', 'CT' or 'MR', got {self.modality!r}")
         if self.dims not in (2, 3):
             raise bad(f"dims must be 2 or 3, got {self.dims!r}")
@@ -306,7 +306,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("-o", "--output", required=True, help="model folder to write (card.json + model.pt)")
     p.add_argument("--mode", choices=MODES, default=d.mode)
     p.add_argument("--task", choices=TRAIN_TASKS, default=d.task)
-    p.add_argument("--modality", choices=("auto", "CT", "MR"), default=d.modality)
+    p.add_argument("--modality", choices=("auto", *IMAGE_MODALITIES), default=d.modality)
     p.add_argument("--low-data", nargs="+", default=[], help="paired mode: low-dose scans")
     p.add_argument("--val-data", nargs="+", default=[], help="validation scans (default: split by patient)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
