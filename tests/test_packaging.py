@@ -135,6 +135,14 @@ def test_wheel_runs_in_a_core_only_environment(shared_data, tmp_path):
               "print(tuple(img.shape))\n")
     run(py, "-c", script)
 
+    # a MONAI bundle exported and run by MONAI's own runner, on the core alone
+    run(bindir / "napari-restore", "export-bundle", "denoise-ct", tmp_path / "bundle")
+    (tmp_path / "bundle-in").mkdir()
+    (tmp_path / "bundle-in" / ct.name).symlink_to(ct)
+    run(py, "-m", "monai.bundle", "run", "--config_file", tmp_path / "bundle" / "configs" / "inference.json",
+        "--dataset_dir", tmp_path / "bundle-in", "--output_dir", tmp_path / "bundle-out")
+    assert (tmp_path / "bundle-out" / "example_ct_sm_denoise.nii.gz").is_file()
+
     # training works without TensorBoard: the CSV log only, and a message naming the extra
     model = tmp_path / "tiny-model"
     tr = run(bindir / "napari-restore", "train", ct, "-o", model, "--val-data",
