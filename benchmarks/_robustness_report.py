@@ -35,6 +35,45 @@ def _counted(c, model: str) -> bool:
     return model in c.scores and not c.reference_limited and model not in c.seen
 
 
+def _worse_slices(cells, m: str) -> tuple[int, int, str]:
+    """(slices where ``m`` is below the input, slices, what the guard said in those cells)."""
+    worse = n = warned = recorded = 0
+    for c in cells:
+        w = sum(p < q for p, q in zip(c.scores[m]["slice_psnr"], c.scores["input"]["slice_psnr"]))
+        worse += w
+        n += len(c.scores[m]["slice_psnr"])
+        recorded += w if "guard" in c.scores[m] else 0
+        warned += w if c.scores[m].get("guard") else 0
+    return worse, n, _warned_text(warned, recorded, worse)
+
+
+def _warned_text(warned: int, recorded: int, of: int) -> str:
+    if not of:
+        return ""
+    if recorded == of:
+        return f"{warned} warned"
+    return f"{warned} warned of {recorded} recorded" if recorded else "not recorded"
+
+
+def _reference_limited_note(cells, m: str) -> list[str]:
+    """One line: how the model fares in the reference-limited cells, against its own ceiling there."""
+    cs = [c for c in cells if m in c.scores and c.reference_limited and m not in c.seen]
+    if not cs:
+        return []
+    below = [c for c in cs if c.gain(m) < 0]
+    line = f"- {m}: {len(cs)} reference-limited cells, below the input in {len(below)}"
+    gaps = [c.scores[m]["ref_psnr"] - c.scores[m]["psnr"] for c in below if "ref_psnr" in c.scores[m]]
+    if gaps:
+        line += (f"; there its PSNR is {np.median(gaps):.2f} dB (median; at most {max(gaps):.2f} dB) below its PSNR "
+                 "on the noise-free reference itself (the ceiling: what it removes of the reference's own noise)")
+    warned = _warned_text(sum(bool(c.scores[m].get("guard")) for c in below),
+                          sum("guard" in c.scores[m] for c in below), len(below))
+    if below:
+        worst = min(below, key=lambda c: c.gain(m))
+        line += f"; guard: {warned}; worst {worst.gain(m):+.2f} dB ({worst.key['series']}, {_fmt_cond(worst)})"
+    return [line]
+
+
 def summary(cells, key: str) -> list[str]:
     """Win/loss of every model against the best baseline, the worst cell, slices worse than the input."""
     base = ["rl"] if key == "deblur" else [m for m in ("nlm", "bm3d") if m in _methods(cells)]
@@ -44,24 +83,33 @@ def summary(cells, key: str) -> list[str]:
          f"| method | cells counted | >= best baseline + {margin} dB | >= best baseline | losses | mean margin dB "
          "| SSIM >= baselines | worst cell (margin dB) | worst gain over input (dB) | slices worse than input |",
          "|---|---:|---:|---:|---:|---:|---:|---|---|---:|"]
+    reflim: list[str] = []
     for m in _methods(cells):
         if m == "input":
             continue
+        # the comparison with the input counts the same cells as the win/loss columns: in a
+        # reference-limited cell PSNR against the reference cannot rank a denoiser against its input either
         cs = [c for c in cells if _counted(c, m)]
-        worse = sum(sum(p < q for p, q in zip(c.scores[m]["slice_psnr"], c.scores["input"]["slice_psnr"]))
-                    for c in cells if m in c.scores)
-        n_sl = sum(len(c.scores[m]["slice_psnr"]) for c in cells if m in c.scores)
-        wg = min(cells, key=lambda c: c.gain(m) if m in c.scores else np.inf)
+        worse, n_sl, warned = _worse_slices(cs, m)
+        wg = min(cs, key=lambda c: c.gain(m)) if cs else None
+        wgs = f"{wg.gain(m):+.2f} ({wg.key['series']}, {_fmt_cond(wg)})" if wg is not None else ""
+        worse_s = f"{worse} / {n_sl}" + (f" (guard: {warned})" if warned and m not in BASELINES else "")
+        if m not in BASELINES:
+            reflim += _reference_limited_note(cells, m)
         if m in base or not cs:
-            L.append(f"| {m} | {len(cs)} | | | | | | | {wg.gain(m):+.2f} ({wg.key['series']}, {_fmt_cond(wg)}) "
-                     f"| {worse} / {n_sl} |")
+            L.append(f"| {m} | {len(cs)} | | | | | | | {wgs} | {worse_s} |")
             continue
         mg = [c.scores[m]["psnr"] - max(c.scores[b]["psnr"] for b in base) for c in cs]
         ss = sum(c.scores[m]["ssim"] >= max(c.scores[b]["ssim"] for b in base) for c in cs)
         w = cs[int(np.argmin(mg))]
         L.append(f"| {m} | {len(cs)} | {sum(x >= margin for x in mg)} | {sum(x >= 0 for x in mg)} | "
                  f"{sum(x < 0 for x in mg)} | {np.mean(mg):+.2f} | {ss} | {w.key['series']}, {_fmt_cond(w)} "
-                 f"({min(mg):+.2f}) | {wg.gain(m):+.2f} ({wg.key['series']}, {_fmt_cond(wg)}) | {worse} / {n_sl} |")
+                 f"({min(mg):+.2f}) | {wgs} | {worse_s} |")
+    if reflim:
+        L += ["", "Counted: cells neither reference-limited nor on a series the model trained on; *warned*: "
+                  "`restore()`'s guard said the input lies outside the model's trusted range (`meta[\"warnings\"]`)."
+                  " Reference-limited cells (the reference's own noise exceeds the added noise, so PSNR against it "
+                  "counts what a method removes of the reference's noise as error):", ""] + reflim
     wins: dict[str, int] = {}
     for c in cells:
         if not c.reference_limited:
@@ -86,11 +134,19 @@ def matrix_table(cells, key: str) -> list[str]:
             if m not in c.scores:
                 cols.append("")
                 continue
-            s = f"{c.scores[m]['psnr']:.2f} / {c.scores[m]['ssim']:.3f}"
-            cols.append(f"**{s}**" if m == best else s)
+            sc = c.scores[m]
+            s = f"{sc['psnr']:.2f} / {sc['ssim']:.3f}"
+            s = f"**{s}**" if m == best else s
+            if sc.get("guard"):
+                s += " †"
+            if c.reference_limited and "ref_psnr" in sc and sc["psnr"] < c.scores["input"]["psnr"]:
+                s += f" (ceiling {sc['ref_psnr']:.2f})"
+            cols.append(s)
         ref = f"{c.ref_sd:.1f}" if c.ref_sd == c.ref_sd else ""
         L.append(f"| {c.key['series']} | {_fmt_cond(c)} | {c.sigma:.1f} | {ref} | {flag} | " + " | ".join(cols) + " |")
-    L += ["", "Cells: PSNR dB / SSIM; bold: the best PSNR of the row."]
+    L += ["", "Cells: PSNR dB / SSIM; bold: the best PSNR of the row. †: `restore()`'s guard warned that the input "
+              "lies outside the model's trusted range. *ceiling*: in a reference-limited cell where a model is below "
+              "the input, its PSNR on the noise-free reference itself (the most it can score against that reference)."]
     return L
 
 
@@ -99,6 +155,7 @@ def heatmap(cells: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     parts = [(k, v) for k, v in cells.items() if v]
     n_rows = max(len(v) for _, v in parts)
@@ -107,15 +164,21 @@ def heatmap(cells: dict, path: Path) -> Path:
     for ax, (k, cs) in zip(axes[0], parts):
         ms = _methods(cs)  # the input's column is 0: where every method loses, the input is the best
         g = np.array([[c.gain(m) if m in c.scores else np.nan for m in ms] for c in cs])
-        lim = float(np.nanpercentile(np.abs(g), 98)) or 1.0
+        # the colour scale from the cells that rank methods (reference-limited rows can reach -30 dB)
+        rank = np.array([not c.reference_limited for c in cs])
+        lim = float(np.nanpercentile(np.abs(g[rank] if rank.any() else g), 98)) or 1.0
         im = ax.imshow(g, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
         for i, c in enumerate(cs):
             j = int(np.nanargmax(g[i]))
             ax.plot(j, i, marker="*", color="gold" if not c.reference_limited else "grey", ms=4, mec="k", mew=0.3)
+            if c.reference_limited:  # not counted: PSNR against a reference noisier than the added noise
+                ax.add_patch(Rectangle((-0.5, i - 0.5), len(ms), 1, facecolor="white", alpha=0.55, hatch="////",
+                                       edgecolor="0.5", lw=0))
         ax.set_xticks(range(len(ms)), ms, rotation=30, ha="right", fontsize=7)
         ax.set_yticks(range(len(cs)), [f"{c.key['series'][:16]}: {_fmt_cond(c).split(' (')[0]}"
                                        + (" (ref-lim)" if c.reference_limited else "") for c in cs], fontsize=4)
-        ax.set_title(f"{titles[k]}: PSNR gain over input (dB); * best", fontsize=9)
+        ax.set_title(f"{titles[k]}: PSNR gain over input (dB); * best"
+                     + ("; hatched: reference-limited" if (~rank).any() else ""), fontsize=9)
         fig.colorbar(im, ax=ax, shrink=0.3, pad=0.02)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -20,6 +20,8 @@ Usage::
 
     python benchmarks/robustness.py                                # every shipped model, docs/robustness.md
     python benchmarks/robustness.py --models runs/my-model denoise-ct --slices 1 --out outputs/robustness.md
+    python benchmarks/robustness.py --sections ct --series ELSCINT1 --out outputs/part.md   # one series, then
+    python benchmarks/robustness.py --replot docs/robustness.json --merge outputs/part.json  # merged into the full run
 
 Writes ``<out>.md``, ``<out>.json``, ``<out>.png`` (heatmap) and method-noise panels in
 ``<out-folder>/robustness_method_noise/``. Prints the machine, the inputs and the tables.
@@ -94,6 +96,9 @@ def main(argv=None) -> int:
     ap.add_argument("--crop", type=int, default=256, help="scored centre crop (pixels), after the simulation")
     ap.add_argument("--sections", default="ct,mr,deblur,real,lowcontrast",
                     help="comma-separated subset of ct, mr, deblur, real, lowcontrast")
+    ap.add_argument("--series", nargs="*", default=None,
+                    help="only these series (a part of the relative path or of the name, e.g. ELSCINT1 693_UNCR); "
+                         "merge the run into the full JSON with --replot FULL.json --merge THIS.json")
     ap.add_argument("--lc-seeds", type=int, default=2, help="noise draws per dose for the low-contrast disks")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes (each runs whole series)")
     ap.add_argument("--cache", type=Path, default=REPO / "outputs" / "robustness_cache",
@@ -138,7 +143,8 @@ def main(argv=None) -> int:
         if ("deblur" if key == "deblur" else key) not in sections:
             continue
         ms = pick(models, task, mod)
-        rels = [(rel, label) for rel, label in table if not (ms and all(R.seen_by(m.card, rel) for m in ms))]
+        rels = [(rel, label) for rel, label in table if not (ms and all(R.seen_by(m.card, rel) for m in ms))
+                and _selected(rel, args.series)]
         inputs[title] = [f"{rel} ({label})" for rel, label in rels]
         log(f"{title} series: " + "; ".join(inputs[title]))
         if key == "ct":  # one unit per series and pixel size (the 0.5 mm rows of a 1 mm series are the longest)
@@ -150,7 +156,7 @@ def main(argv=None) -> int:
     if "lowcontrast" in sections:
         units.insert(3, ("lowcontrast",))
     if "real" in sections:
-        units += [("real", rel, label) for rel, label in R.REAL_SERIES]
+        units += [("real", rel, label) for rel, label in R.REAL_SERIES if _selected(rel, args.series)]
     global _CTX
     _CTX = (models, args, out_dir)
     if args.jobs > 1:
@@ -197,6 +203,11 @@ def main(argv=None) -> int:
 _CTX: tuple = ()
 
 
+def _selected(rel: str, wanted: list[str] | None) -> bool:
+    """Whether the series at ``rel`` is among ``--series`` (none given: every series)."""
+    return not wanted or any(w in rel for w in wanted)
+
+
 def run_unit(unit: tuple):
     """One piece of work, cached in ``--cache`` so that an interrupted run resumes where it stopped."""
     import hashlib
@@ -206,6 +217,7 @@ def run_unit(unit: tuple):
     torch.set_num_threads(1)
     models, args, out_dir = _CTX
     key = json.dumps([list(unit), args.slices, args.crop, args.lc_seeds, R.CT_N_VIEWS_MAX, list(args.baselines),
+                      R.CELL_FORMAT,
                       [(m.card.name, m.card.version, str(m.card.path)) for m in models]], default=str)
     cache = args.cache / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json") if args.cache else None
     if cache is not None and cache.is_file():
@@ -292,9 +304,12 @@ def _merge(js: dict, other: dict) -> None:
             if mine is not None:
                 mine["scores"].update({n: sc for n, sc in c["scores"].items() if n in names})
                 mine["seen_by"] = sorted(set(mine.get("seen_by", [])) - names | set(c.get("seen_by", [])))
-    for key in ("real_scans", "low_contrast"):
-        rows = [r for r in js[key] if r.get("method") not in names]
-        js[key] = rows + [r for r in other[key] if r.get("method") in names]
+    for key in ("real_scans", "low_contrast"):  # other's rows of its models replace the same rows, in place
+        row_key = (lambda r: json.dumps({k: r.get(k) for k in ("image", "series", "dose", "method", "contrast_hu",
+                                                               "diameter_mm")}, sort_keys=True))
+        theirs = {row_key(r): r for r in other[key] if r.get("method") in names}
+        rows = [theirs.pop(row_key(r), r) for r in js[key]]
+        js[key] = rows + list(theirs.values())
     js["command"] += " + " + other["command"] + " (merged)"
     js["seconds"] += other["seconds"]
 

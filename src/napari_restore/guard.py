@@ -79,23 +79,31 @@ def measure(volume: Volume, max_slices: int = 5) -> dict[str, float]:
     return out
 
 
-def check_trusted_range(volume: Volume, card: Any, measured: dict[str, float] | None = None) -> list[str]:
-    """Warnings for every measure of ``volume`` outside ``card``'s ``trusted_range``."""
+def outside_range(card: Any, measured: dict[str, float]) -> dict[str, tuple[float, float, float]]:
+    """``{key: (value, low, high)}`` for every measure in ``measured`` outside ``card``'s ``trusted_range``.
+
+    The structured form of :func:`check_trusted_range` (the benchmark records it per cell)."""
     rng = getattr(card, "trusted_range", None) or {}
-    if not rng:
-        return []
-    m = measured if measured is not None else measure(volume)
-    notes = []
-    for key, label in RANGE_KEYS.items():
-        if key not in rng or key not in m:
+    out: dict[str, tuple[float, float, float]] = {}
+    for key in RANGE_KEYS:
+        if key not in rng or key not in measured:
             continue
         lo, hi = (float(v) for v in rng[key])
-        v = m[key]
+        v = float(measured[key])
         if v < lo * (1 - SLACK) or v > hi * (1 + SLACK):
-            notes.append(f"{card.name}: the input's {label} is {v:.3g}, outside the range it was trained and "
-                         f"tested on ({lo:g}-{hi:g}); check the result against the input "
-                         "(docs/robustness.md shows where each model can be trusted)")
-    return notes
+            out[key] = (v, lo, hi)
+    return out
+
+
+def check_trusted_range(volume: Volume, card: Any, measured: dict[str, float] | None = None) -> list[str]:
+    """Warnings for every measure of ``volume`` outside ``card``'s ``trusted_range``."""
+    if not (getattr(card, "trusted_range", None) or {}):
+        return []
+    m = measured if measured is not None else measure(volume)
+    return [f"{card.name}: the input's {RANGE_KEYS[key]} is {v:.3g}, outside the range it was trained and "
+            f"tested on ({lo:g}-{hi:g}); check the result against the input "
+            "(docs/robustness.md shows where each model can be trusted)"
+            for key, (v, lo, hi) in outside_range(card, m).items()]
 
 
 def range_warnings(volume: Volume, cards: list[Any]) -> list[str]:

@@ -38,6 +38,8 @@ MR_SIGMAS = (0.02, 0.05, 0.10)
 BLUR_FWHM = (1.0, 2.0, 3.0)
 BLUR_NOISE = (0.0025, 0.01, 0.02)
 RL_ITERATIONS = (10, 20, 50)
+#: bumped when a cell gains results (the benchmark's cache then recomputes): 2 = models' ``ref_psnr``/``guard``
+CELL_FORMAT = 2
 CT_N_VIEWS_MAX = 320  # views of the projection simulation (texture only, not the level; keeps it affordable)
 
 #: Real series of ../shared/data (relative paths) for the matrix: (path, label). A series a model
@@ -201,14 +203,37 @@ class Cell:
                 "scores": self.scores}
 
 
-def _model_out(loaded: Any, block: np.ndarray, affine: np.ndarray, modality: str, keep: Sequence[int]) -> np.ndarray:
+def _block_volume(block: np.ndarray, affine: np.ndarray, modality: str, source: Volume | None = None) -> Volume:
+    """A block of slices as the Volume a user would hand to ``restore()`` (the source's slice thickness kept)."""
+    meta: dict[str, Any] = {"description": "robustness"}
+    if source is not None and source.meta.get("slice_thickness"):
+        meta["slice_thickness"] = source.meta["slice_thickness"]
+    return Volume(block.astype(np.float32), affine, modality, meta)
+
+
+def _model_out(loaded: Any, block: np.ndarray, affine: np.ndarray, modality: str, keep: Sequence[int],
+               source: Volume | None = None) -> np.ndarray:
     """Run a model over a block of slices (neighbours included); return the ``keep`` slices."""
+    import warnings
+
     from .inference import restore
 
-    vol = Volume(block.astype(np.float32), affine, modality, {"description": "robustness"})
-    out = restore(vol, task=loaded.card.task, model=loaded, mode="2d" if loaded.card.dims == 2 else "3d",
-                  device="cpu").array
+    vol = _block_volume(block, affine, modality, source)
+    with warnings.catch_warnings():  # the guard's warnings are recorded per cell (see guard_flags)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = restore(vol, task=loaded.card.task, model=loaded, mode="2d" if loaded.card.dims == 2 else "3d",
+                      device="cpu").array
     return out[list(keep)]
+
+
+def guard_flags(loaded: Any, block: np.ndarray, affine: np.ndarray, modality: str,
+                source: Volume | None = None) -> dict[str, list[float]]:
+    """What ``restore()``'s do-no-harm guard says about this input for this model:
+    ``{measure: [value, low, high]}`` for every measure outside the card's ``trusted_range`` (empty: inside)."""
+    from .guard import measure, outside_range
+
+    vol = _block_volume(block, affine, modality, source)
+    return {k: [round(v, 3), lo, hi] for k, (v, lo, hi) in outside_range(loaded.card, measure(vol)).items()}
 
 
 def _affine(vol: Volume, pixel_mm: float) -> np.ndarray:
@@ -305,10 +330,21 @@ def denoise_cell(series: Series, condition: dict[str, Any], models: Sequence[Any
     if "bm3d" in methods:
         outs["bm3d"] = _bm3d(deg, sigma)
     affine = _affine(vol, pixel)
+    extra: dict[str, dict[str, Any]] = {}
     for m in models:
-        out = _model_out(m, noisy, affine, modality, keep)
+        out = _model_out(m, noisy, affine, modality, keep, vol)
         outs[m.card.name] = out[:, box[0], box[1]]
+        # the model on the noise-free reference: its PSNR there is the ceiling of its PSNR against that
+        # reference (what it removes of the reference's own noise counts as error). In a reference-limited
+        # cell a model near its ceiling loses to the input because the reference is noisy, not because of
+        # what it does with the added noise.
+        ref_out = _model_out(m, block, affine, modality, keep, vol)[:, box[0], box[1]]
+        rp, rs = _score(to_unit, clean, ref_out)
+        extra[m.card.name] = {"ref_psnr": round(rp, 3), "ref_ssim": round(rs, 4),
+                              "guard": guard_flags(m, noisy, affine, modality, vol)}
     _score_methods(cell, to_unit, clean, outs)
+    for name, e in extra.items():
+        cell.scores[name].update(e)
     return cell
 
 
@@ -351,10 +387,14 @@ def deblur_cell(series: Series, condition: dict[str, Any], models: Sequence[Any]
                 best = (ps, out, it)
         outs["rl"] = best[1]
         cell.notes.append(f"rl {best[2]} iterations")
+    guard = {}
     for m in models:
-        out = _model_out(m, deg_block, vol.affine, modality, keep)
+        out = _model_out(m, deg_block, vol.affine, modality, keep, vol)
         outs[m.card.name] = out[:, box[0], box[1]]
+        guard[m.card.name] = guard_flags(m, deg_block, vol.affine, modality, vol)
     _score_methods(cell, to_unit, clean, outs)
+    for name, g in guard.items():
+        cell.scores[name]["guard"] = g
     return cell
 
 
@@ -445,4 +485,4 @@ def contrast_and_cnr(present: np.ndarray, absent: np.ndarray, disk: np.ndarray, 
 __all__ = ["CT_FILTERS", "CT_DOSES", "CT_PIXELS", "MR_SIGMAS", "BLUR_FWHM", "BLUR_NOISE", "RL_ITERATIONS",
            "CT_SERIES", "MR_SERIES", "REAL_SERIES", "EXCLUDED", "Series", "Cell", "load_series", "seen_by",
            "denoise_cell", "deblur_cell", "real_scan_measures", "place_disks", "disk_image", "contrast_and_cnr",
-           "gradient_magnitude", "pick_block", "resample_block", "reference_noise_sd", "cell_seed"]
+           "gradient_magnitude", "pick_block", "resample_block", "reference_noise_sd", "cell_seed", "guard_flags"]
