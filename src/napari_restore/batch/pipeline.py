@@ -1,22 +1,24 @@
-"""Reader pool -> model -> writer pool, with bounded queues so memory stays flat.
+"""Reader pool -> model -> writer pool, with bounded read-ahead so memory stays flat.
 
-``readers`` threads decode series (pydicom, nibabel and the JPEG decoders release the GIL for the
-heavy part) into a queue of at most ``prefetch`` volumes; the calling thread restores them one at
-a time (the model and the compute device are used by one thread only); ``writers`` threads write
-the results from a queue of at most ``writers`` volumes. At most
-``readers + prefetch + 1 + 2 * writers`` series are in memory, whatever the tree's size.
+A pool of ``readers`` decodes series, at most ``readers + prefetch`` ahead of the model; the
+calling thread restores them one at a time (the model and the compute device are used by one
+thread only); a pool of ``writers`` writes the results, at most ``writers + 1`` waiting for or in
+a writer. At most ``readers + prefetch + 1 + 2 * writers`` series are in memory, whatever the
+tree's size. One code path for both kinds of pool: ``pool="process"`` (the default; spawned
+worker processes that die with the batch, see :mod:`.lifeline`) or ``pool="thread"`` (the same
+loop over a thread pool: quicker to start, for small trees and tests).
 
 Errors stay with their series: a series that cannot be read, restored or written is reported as
 failed with its message and the pipeline goes on. ``stop`` (a :class:`threading.Event`) ends the
-run early: readers stop taking series, the current write is cancelled (nothing half-written is
-left: outputs are atomic).
+run early: no new series is read, queued reads are cancelled, the restoration in progress is
+cancelled (``compute`` passes ``stop.is_set`` as restore's ``cancel``) and the writes already
+started finish (nothing half-written is left: outputs are atomic).
 """
 from __future__ import annotations
 
 import contextlib
 import glob
 import os
-import queue
 import shutil
 import sys
 import threading
@@ -29,10 +31,10 @@ from typing import Any
 
 from ..errors import Cancelled, InputError
 from ..volume import Volume
-from .walk import SeriesItem
 from .lifeline import pool_kwargs
+from .walk import SeriesItem
 
-_END = object()
+POOLS = ("process", "thread")
 
 
 @dataclass
@@ -162,16 +164,16 @@ class Pipeline:
             on the caller's side).
         readers, writers, prefetch: pool sizes and the read-ahead queue length.
         pool: ``"process"`` (default: reader and writer processes; the model thread never waits
-            for the GIL, which pure-Python DICOM parsing would hold) or ``"thread"``. With
-            processes, ``read`` and ``write`` must be picklable (module-level functions or
-            :func:`functools.partial` of them).
+            for the GIL, which pure-Python DICOM parsing would hold) or ``"thread"`` (the same code
+            path over threads). With processes, ``read`` and ``write`` must be picklable
+            (module-level functions or :func:`functools.partial` of them).
         stop: set it to end the run early (Ctrl-C).
     """
 
     def __init__(self, read: Callable, compute: Callable, write: Callable, finished: Callable[[Outcome], None], *,
                  readers: int = 2, writers: int = 2, prefetch: int = 1, pool: str = "process",
                  stop: threading.Event | None = None):
-        if pool not in ("process", "thread"):
+        if pool not in POOLS:
             raise ValueError(f"pool must be 'process' or 'thread', got {pool!r}")
         self.pool = pool
         self.read, self.compute, self.write, self.finished = read, compute, write, finished
@@ -193,15 +195,26 @@ class Pipeline:
         if not jobs:
             return
         if self.pool == "process":
-            return self._run_processes(jobs)
+            return self._run(jobs)
         old = sys.getswitchinterval()
-        sys.setswitchinterval(min(old, 2e-4))  # the model thread gets the GIL back quickly between ops
+        sys.setswitchinterval(min(old, 2e-4))  # threads: the model thread gets the GIL back quickly between ops
         try:
-            return self._run_threads(jobs)
+            return self._run(jobs)
         finally:
             sys.setswitchinterval(old)
 
-    # -- processes
+    def _executor(self, workers: int, role: str):
+        """A reader or writer pool of the chosen kind (processes are spawned and die with this one)."""
+        if self.pool == "thread":
+            from concurrent.futures import ThreadPoolExecutor
+
+            return ThreadPoolExecutor(workers, thread_name_prefix=f"batch-{role}")
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # never fork a process that runs torch threads
+        return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), **pool_kwargs())
+
     def _compute_one(self, out: Outcome, vol: Volume):
         """Restore one volume in this thread; returns the result or None (the outcome is then final)."""
         t0 = time.perf_counter()
@@ -221,19 +234,15 @@ class Pipeline:
         out.warnings = list(result.meta.get("warnings", []))
         return result
 
-    def _run_processes(self, jobs: list[tuple[SeriesItem, Path]]) -> None:
-        import multiprocessing as mp
+    def _run(self, jobs: list[tuple[SeriesItem, Path]]) -> None:
         from collections import deque
-        from concurrent.futures import ProcessPoolExecutor
-        from concurrent.futures.process import BrokenProcessPool
+        from concurrent.futures import BrokenExecutor
 
-        ctx = mp.get_context("spawn")  # never fork a process that runs torch threads
         todo = iter(jobs)
         pending: deque = deque()
         slots = threading.BoundedSemaphore(self.writers + 1)  # results waiting for or in a writer
-        rpool = ProcessPoolExecutor(self.readers, mp_context=ctx, **pool_kwargs())
-        wpool = ProcessPoolExecutor(self.writers, mp_context=ctx, **pool_kwargs())
-        writes: list = []
+        rpool = self._executor(self.readers, "reader")
+        wpool = self._executor(self.writers, "writer")
 
         def fill() -> None:
             while len(pending) < self.readers + self.prefetch and not self.stop.is_set():
@@ -247,7 +256,7 @@ class Pipeline:
             """A reader process died (a decoder crashed): new pool, the other queued reads again."""
             nonlocal rpool
             rpool.shutdown(wait=False, cancel_futures=True)
-            rpool = ProcessPoolExecutor(self.readers, mp_context=ctx, **pool_kwargs())
+            rpool = self._executor(self.readers, "reader")
             for k, (job, _) in enumerate(list(pending)):
                 pending[k] = (job, rpool.submit(_timed, self.read, job[0]))
 
@@ -271,7 +280,7 @@ class Pipeline:
                     self.idle_s += time.perf_counter() - t0
                     self._hold(-1)
                     msg = _message(exc)
-                    if isinstance(exc, BrokenProcessPool):
+                    if isinstance(exc, BrokenExecutor):
                         msg = f"the reader process died while reading this series (a decoder crash?): {exc}"
                         restart_readers()
                     fill()
@@ -288,146 +297,20 @@ class Pipeline:
                 slots.acquire()
                 try:
                     wfut = wpool.submit(_timed, self.write, result, item, output)
-                except BrokenProcessPool:  # a writer process died earlier: its series is failed, go on
+                except BrokenExecutor:  # a writer process died earlier: its series is failed, go on
                     wpool.shutdown(wait=False)
-                    wpool = ProcessPoolExecutor(self.writers, mp_context=ctx, **pool_kwargs())
+                    wpool = self._executor(self.writers, "writer")
                     wfut = wpool.submit(_timed, self.write, result, item, output)
                 del result
                 wfut.add_done_callback(lambda f, o=out: written(f, o))
-                writes.append(wfut)
         except BaseException:
-            self.stop.set()
+            self.stop.set()  # Ctrl-C or a bug: no new reads, the queued ones are cancelled
             raise
         finally:
             for _, fut in pending:
                 fut.cancel()
             rpool.shutdown(wait=not self.stop.is_set(), cancel_futures=True)
             wpool.shutdown(wait=True)
-
-    # -- threads
-    def _run_threads(self, jobs: list[tuple[SeriesItem, Path]]) -> None:
-        todo = iter(jobs)
-        take = threading.Lock()
-        in_q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        out_q: queue.Queue = queue.Queue(maxsize=self.writers)
-        errors: list[BaseException] = []
-
-        def reader() -> None:
-            try:
-                while not self.stop.is_set():
-                    with take:
-                        job = next(todo, None)
-                    if job is None:
-                        break
-                    item, output = job
-                    t0 = time.perf_counter()
-                    try:
-                        self._hold(1)
-                        vol, err = self.read(item), None
-                    except Exception as exc:  # noqa: BLE001 - recorded for this series
-                        vol, err = None, exc
-                        self._hold(-1)
-                    out = Outcome(item, output, read_s=time.perf_counter() - t0)
-                    if err is not None:
-                        out.status, out.error = "failed", _message(err)
-                        self.finished(out)
-                        continue
-                    out.modality = vol.modality
-                    self._put(in_q, (out, vol))
-            except BaseException as exc:  # noqa: BLE001
-                errors.append(exc)
-            finally:
-                in_q.put(_END)
-
-        def writer() -> None:
-            while True:
-                msg = out_q.get()
-                if msg is _END:
-                    return
-                out, vol = msg
-                t0 = time.perf_counter()
-                try:
-                    self.write(vol, out.item, out.output)
-                except Cancelled:
-                    out.status, out.error = "cancelled", "cancelled"
-                except Exception as exc:  # noqa: BLE001 - recorded for this series
-                    out.status, out.error = "failed", _message(exc)
-                finally:
-                    del vol
-                    self._hold(-1)
-                out.write_s = time.perf_counter() - t0
-                if out.status != "cancelled":
-                    self.finished(out)
-
-        rthreads = [threading.Thread(target=reader, name=f"batch-reader-{i}", daemon=True) for i in range(self.readers)]
-        wthreads = [threading.Thread(target=writer, name=f"batch-writer-{i}", daemon=True) for i in range(self.writers)]
-        for t in rthreads + wthreads:
-            t.start()
-        ended = 0
-        try:
-            while ended < len(rthreads):
-                t0 = time.perf_counter()
-                msg = in_q.get()
-                self.idle_s += time.perf_counter() - t0
-                if msg is _END:
-                    ended += 1
-                    continue
-                out, vol = msg
-                if self.stop.is_set():
-                    del vol
-                    self._hold(-1)
-                    continue
-                t0 = time.perf_counter()
-                try:
-                    result, info = self.compute(vol, out.item)
-                except Cancelled:
-                    self._hold(-1)
-                    continue
-                except Exception as exc:  # noqa: BLE001 - recorded for this series
-                    out.compute_s = time.perf_counter() - t0
-                    out.status, out.error = "failed", _message(exc)
-                    out.warnings = list(vol.meta.get("warnings", []))
-                    del vol
-                    self._hold(-1)
-                    self.finished(out)
-                    continue
-                out.compute_s = time.perf_counter() - t0
-                out.shape = tuple(result.array.shape)
-                out.model, out.model_version = info.get("model", ""), info.get("model_version", "")
-                out.warnings = list(result.meta.get("warnings", []))
-                del vol
-                self._put(out_q, (out, result))
-                del result
-        except BaseException:
-            self.stop.set()  # Ctrl-C or a bug: readers stop, the current writes are cancelled
-            raise
-        finally:
-            if self.stop.is_set():
-                _drain(in_q)
-            for _ in wthreads:
-                out_q.put(_END)
-            for t in wthreads:
-                t.join()
-            for t in rthreads:
-                t.join(timeout=0.1 if self.stop.is_set() else None)
-        if errors:
-            raise errors[0]
-
-    def _put(self, q: queue.Queue, msg) -> None:
-        while True:
-            try:
-                q.put(msg, timeout=0.2)
-                return
-            except queue.Full:
-                if self.stop.is_set():
-                    self._hold(-1)
-                    return
-
-
-def _drain(q: queue.Queue) -> None:
-    with contextlib.suppress(queue.Empty):
-        while True:
-            q.get_nowait()
 
 
 __all__ = ["Pipeline", "Outcome", "read_item", "write_item", "write_result", "clear_stale"]

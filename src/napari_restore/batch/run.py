@@ -24,6 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..constants import IMAGE_MODALITIES
 from ..errors import InputError, ModelError, OutputError
 from ..options import RestoreOptions, with_option_parameters
 from .manifest import DONE, FAILED, MANIFEST_NAME, Manifest
@@ -102,7 +103,7 @@ class _Models:
     def for_modality(self, modality: str) -> Any:
         if self.fixed is not None or self.task == "restore":
             return self.fixed
-        mod = modality if modality in ("CT", "MR") else "any"
+        mod = modality if modality in IMAGE_MODALITIES else "any"
         if mod not in self.cache:
             from ..models import find_model, load_model
 
@@ -299,7 +300,7 @@ def _run(src: Path, dst: Path, sh: Shard, prefix: str, printer, t_start: float, 
 
     models = _Models(opts.task, opts.model, opts.mode)
     models.check({it.modality or "OT" for it, _ in todo if it.kind not in ("error", "file")}
-                 | ({"CT", "MR"} if any(it.kind == "file" for it, _ in todo) else set()))
+                 | (set(IMAGE_MODALITIES) if any(it.kind == "file" for it, _ in todo) else set()))
     dev = opts.device
     if sh.distributed and str(dev) == "auto":
         import torch
