@@ -202,3 +202,11 @@ def test_invalid_cards_are_refused_naming_the_file(tmp_path, change, match):
     with pytest.raises(ModelError, match=match) as err:
         load_model(folder)
     assert "card.json" in str(err.value)
+
+
+def test_card_repr_is_one_short_line():
+    from napari_restore import list_models
+
+    cards = list_models()
+    assert cards and len(repr(cards)) < 300 * len(cards)  # no training history in the repr
+    assert all("\n" not in repr(c) and c.name in repr(c) for c in cards)

@@ -116,13 +116,15 @@ def test_reader_declines_what_it_cannot_read(tmp_path, shared_data):
     not_gzip.write_bytes(b"plain bytes, not gzip")
     fake_nrrd = tmp_path / "fake.nrrd"
     fake_nrrd.write_text("PNG?")
+    raw_samples = tmp_path / "0.0"  # raw int16 samples that look like a bare dataset's first element
+    raw_samples.write_bytes(struct.pack("<512h", 8, *([0] * 511)))
     empty = tmp_path / "empty"
     empty.mkdir()
     no_dicom = tmp_path / "no_dicom"
     no_dicom.mkdir()
     (no_dicom / "a.txt").write_text("x")
     (no_dicom / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 200)
-    for p in (text, fake_dcm, fake_nii, not_gzip, fake_nrrd, empty, no_dicom, tmp_path / "missing.dcm",
+    for p in (text, fake_dcm, fake_nii, not_gzip, fake_nrrd, raw_samples, empty, no_dicom, tmp_path / "missing.dcm",
               shared_data / "README.md", shared_data / "ct" / "nifti"):  # the last: NIfTI only, no DICOM
         assert napari_get_reader(str(p)) is None, p
     assert napari_get_reader([str(shared_data / CT_NIFTI), str(text)]) is None

@@ -148,8 +148,10 @@ def _looks_readable(path: Path) -> bool:
         return b"ndims" in _head(path, 4096).lower()  # MetaImage text header
     if name.endswith(_NRRD):
         return _head(path, 4).startswith(b"NRRD")
-    if name.endswith(_DICOM) or name == "dicomdir" or not Path(name).suffix or name[-1].isdigit():
-        return _is_dicom_file(path)  # DICOM files often have no suffix (IM0001, 1.2.840.....123)
+    if name.endswith(_DICOM):
+        return _is_dicom_file(path, raw=True)  # a .dcm file may lack the preamble (a bare dataset)
+    if name == "dicomdir" or not Path(name).suffix or name[-1].isdigit():
+        return _is_dicom_file(path)  # DICOM files often have no suffix (IM0001, 1.2.840.....123): DICM needed
     return False
 
 
@@ -158,13 +160,15 @@ def _head(path: Path, n: int) -> bytes:
         return fh.read(n)
 
 
-def _is_dicom_file(path: Path) -> bool:
-    """Part-10 preamble (``DICM`` at byte 128), or a raw little-endian dataset whose first
-    element is in group 0x0002/0x0008 followed by an explicit VR or a short implicit length."""
+def _is_dicom_file(path: Path, raw: bool = False) -> bool:
+    """Part-10 preamble (``DICM`` at byte 128); with ``raw`` (a DICOM suffix says what the file is)
+    also a bare little-endian dataset whose first element is in group 0x0002/0x0008 followed by an
+    explicit VR or a short implicit length. Without a suffix only the magic counts: a file named
+    ``0.0`` of raw int16 samples is not claimed."""
     head = _head(path, 132)
     if len(head) == 132 and head[128:132] == b"DICM":
         return True
-    if len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00"):
+    if not raw or len(head) < 8 or head[:2] not in (b"\x02\x00", b"\x08\x00"):
         return False
     vr = head[4:6]
     return (vr.isalpha() and vr.isupper()) or struct.unpack("<I", head[4:8])[0] < 0x10000
@@ -196,7 +200,7 @@ def _folder_has_dicom(folder: Path) -> bool:
             if name.upper() == "DICOMDIR":
                 return True
             try:
-                if _is_dicom_file(Path(root) / name):
+                if _is_dicom_file(Path(root) / name, raw=name.lower().endswith(_DICOM)):
                     return True
             except OSError:
                 pass

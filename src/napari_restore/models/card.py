@@ -88,6 +88,14 @@ class ModelCard:
     path: Path | None = field(default=None, compare=False, repr=False)
     source: str = field(default="", compare=False)
 
+    def __repr__(self) -> str:
+        """One short line (the full card, with its training history, is :meth:`to_dict`)."""
+        extra = "".join([f", context={self.context}" if self.context else "",
+                         f", self_ensemble={self.self_ensemble}" if self.self_ensemble > 1 else "",
+                         f", source={self.source!r}" if self.source else ""])
+        return (f"ModelCard(name={self.name!r}, version={self.version!r}, task={self.task!r}, "
+                f"modality={self.modality!r}, dims={self.dims}{extra})")
+
     @classmethod
     def from_dict(cls, data: Any, where: str | Path | None = None) -> "ModelCard":
         """Validate a card dict. Raises :class:`ModelError` naming ``where`` and the problem."""
