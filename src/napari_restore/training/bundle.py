@@ -37,6 +37,63 @@ def _versions() -> dict[str, str]:
             "numpy_version": numpy.__version__}
 
 
+#: The project's licence (the repository's LICENSE, checked by tests/test_bundle.py): a bundle's LICENSE
+#: when its card's licence is BSD-3-Clause, as for every model napari-restore ships.
+BSD_3_CLAUSE = """BSD 3-Clause License
+
+Copyright (c) 2026, napari-restore developers
+All rights reserved.
+
+Redistribution and use in source and binary forms, with or without
+modification, are permitted provided that the following conditions are met:
+
+1. Redistributions of source code must retain the above copyright notice, this
+   list of conditions and the following disclaimer.
+
+2. Redistributions in binary form must reproduce the above copyright notice,
+   this list of conditions and the following disclaimer in the documentation
+   and/or other materials provided with the distribution.
+
+3. Neither the name of the copyright holder nor the names of its
+   contributors may be used to endorse or promote products derived from
+   this software without specific prior written permission.
+
+THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS "AS IS"
+AND ANY EXPRESS OR IMPLIED WARRANTIES, INCLUDING, BUT NOT LIMITED TO, THE
+IMPLIED WARRANTIES OF MERCHANTABILITY AND FITNESS FOR A PARTICULAR PURPOSE ARE
+DISCLAIMED. IN NO EVENT SHALL THE COPYRIGHT HOLDER OR CONTRIBUTORS BE LIABLE
+FOR ANY DIRECT, INDIRECT, INCIDENTAL, SPECIAL, EXEMPLARY, OR CONSEQUENTIAL
+DAMAGES (INCLUDING, BUT NOT LIMITED TO, PROCUREMENT OF SUBSTITUTE GOODS OR
+SERVICES; LOSS OF USE, DATA, OR PROFITS; OR BUSINESS INTERRUPTION) HOWEVER
+CAUSED AND ON ANY THEORY OF LIABILITY, WHETHER IN CONTRACT, STRICT LIABILITY,
+OR TORT (INCLUDING NEGLIGENCE OR OTHERWISE) ARISING IN ANY WAY OUT OF THE USE
+OF THIS SOFTWARE, EVEN IF ADVISED OF THE POSSIBILITY OF SUCH DAMAGE.
+"""
+
+#: Licence texts of the public data the shipped models were trained on (file stem = the name a card's
+#: ``training_data`` line carries); copied into a bundle's ``docs/data_licenses.md``.
+DATA_LICENSES = Path(__file__).with_name("data_licenses")
+
+
+def _intensity_text(spec: dict[str, Any]) -> str:
+    """The card's intensity mapping in words and a formula."""
+    if spec.get("kind") == "ct":
+        lo, hi = spec["clip"]
+        return (f"y = (clip(HU, {lo:g}, {hi:g}) - {spec['center']:g}) / {spec['scale']:g}: a fixed mapping of Hounsfield "
+                f"units; voxels outside [{lo:g}, {hi:g}] HU keep their input value after the inverse")
+    if spec.get("kind") == "percentile":
+        return (f"y = (x - p{spec['lower']:g}) / (p{spec['upper']:g} - p{spec['lower']:g}), the percentiles of the whole "
+                f"volume (a regular subsample), so that p{spec['lower']:g} -> 0 and p{spec['upper']:g} -> 1; no clipping")
+    return "none: the network takes the image's own values"
+
+
+def _network_range(spec: dict[str, Any]) -> list[float]:
+    """The range of the network's input (normalised units) where the mapping bounds it."""
+    if spec.get("kind") == "ct":
+        return [(spec["clip"][0] - spec["center"]) / spec["scale"], (spec["clip"][1] - spec["center"]) / spec["scale"]]
+    return []
+
+
 def _metadata(card) -> dict[str, Any]:
     from .. import __version__
     from ..intensity import validate_spec
