@@ -41,7 +41,6 @@ def main() -> None:
     from qtpy.QtWidgets import QApplication
 
     from napari_restore._napari._reader import read_layers
-    from napari_restore._napari._widget import RestoreWidget
     from napari_restore.networks import build_network
 
     from napari_restore.models import find_model
@@ -62,8 +61,7 @@ def main() -> None:
     viewer = napari.Viewer(title="napari-restore")
     for layer_data, kwargs, kind in read_layers(str(data / SERIES)):
         viewer.add_image(layer_data, **kwargs)
-    widget = RestoreWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="Restore", area="right")
+    _dock, widget = viewer.window.add_plugin_dock_widget("napari-restore", "Restore")  # as a user opens it
     app = QApplication.instance()
     qt_window = viewer.window._qt_window
     qt_window.resize(1640, 900)
@@ -79,20 +77,20 @@ def main() -> None:
     src = viewer.layers[0]
     mid = src.data.shape[0] // 2
     viewer.dims.set_current_step(0, mid)
-    widget.select_layer(src.name)
+    widget.restore_tab.select_layer(src.name)
     widget.state.strength = 0.9
-    widget.run_restore()
+    widget.restore_tab.run_restore()
     wait(lambda: not widget.state.running)
     if widget.last_error:
         raise SystemExit(widget.last_error)
-    widget.show_side_by_side(True)
-    roi = widget.add_roi_layer("ellipse")
+    widget.compare_tab.show_side_by_side(True)
+    roi = widget.compare_tab.add_roi_layer("ellipse")
     cy, cx, r = _uniform_spot(np.asarray(src.data[mid], dtype=np.float64))
     roi.add_ellipses(np.array([[mid, cy - r, cx - r], [mid, cy - r, cx + r], [mid, cy + r, cx + r],
                                [mid, cy + r, cx - r]]))
     roi.mode = "pan_zoom"
     roi.visible = True
-    viewer.layers.selection.active = src
+    viewer.layers.selection.active = viewer.layers[src.name]
     viewer.reset_view()
     viewer.camera.zoom *= 1.3
     for _ in range(20):
@@ -109,9 +107,9 @@ def main() -> None:
         app.processEvents()
         time.sleep(0.02)
     qt_window.grab().save(str(out_dir / "widget.png"))
-    widget.tabs.setCurrentWidget(widget.compare_page)
+    widget.tabs.setCurrentWidget(widget.compare_tab)
     wait(lambda: not widget._roi_timer.isActive())
-    rows = widget.update_roi_stats()
+    rows = widget.compare_tab.update_roi_stats()
     for _ in range(10):
         app.processEvents()
         time.sleep(0.02)

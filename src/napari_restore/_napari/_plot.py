@@ -18,7 +18,7 @@ class CurvePlot(QWidget):
         super().__init__(parent)
         self.train: list[float] = []
         self.val: list[float] = []
-        self.setMinimumHeight(130)
+        self.setMinimumHeight(140)
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Preferred)
 
     def set_data(self, train: list[float], val: list[float]) -> None:
@@ -26,17 +26,34 @@ class CurvePlot(QWidget):
         self.val = [float(v) for v in val]
         self.update()
 
+    def _values(self) -> list[float]:
+        return [v for v in self.train + self.val if v == v and v > 0 and math.isfinite(v)]
+
+    def y_labels(self) -> tuple[str, ...]:
+        """The texts at the top and bottom of the y axis."""
+        values = self._values()
+        return (f"{max(values):.3g}", f"{min(values):.3g}") if values else ("",)
+
+    def plot_area(self) -> QRectF:
+        """Where the curves are drawn: right of the widest y label, below the legend line."""
+        fm = self.fontMetrics()
+        left = 8 + max(fm.horizontalAdvance(t) for t in self.y_labels())  # the y labels always fit
+        top = fm.height() + 6  # the legend sits above the plot, never on the lines
+        return QRectF(self.rect()).adjusted(left, top, -10, -(fm.height() + 8))
+
     def paintEvent(self, event) -> None:  # noqa: N802 - Qt name
         p = QPainter(self)
         p.setRenderHint(QPainter.Antialiasing)
         fg = self.palette().color(self.foregroundRole())
         dim = QColor(fg)
         dim.setAlpha(90)
-        r = QRectF(self.rect()).adjusted(44, 10, -10, -22)
+        values = self._values()
+        n = max(len(self.train), len(self.val))
+        fm = p.fontMetrics()
+        r = self.plot_area()
+        left = r.left()
         p.setPen(QPen(dim, 1))
         p.drawRect(r)
-        values = [v for v in self.train + self.val if v == v and v > 0 and math.isfinite(v)]
-        n = max(len(self.train), len(self.val))
         p.setPen(fg)
         if not values or n == 0:
             p.drawText(r, Qt.AlignCenter, "loss per epoch appears here")
@@ -66,16 +83,17 @@ class CurvePlot(QWidget):
             for q in pts:
                 p.drawEllipse(q, 2.5, 2.5)
         p.setPen(fg)
-        p.drawText(QRectF(0, r.top() - 6, 42, 14), Qt.AlignRight, f"{hi:.3g}")
-        p.drawText(QRectF(0, r.bottom() - 8, 42, 14), Qt.AlignRight, f"{lo:.3g}")
-        p.drawText(QRectF(r.left(), r.bottom() + 4, r.width(), 16), Qt.AlignCenter,
+        h = fm.height()
+        p.drawText(QRectF(0, r.top() - h / 2, left - 4, h), Qt.AlignRight | Qt.AlignVCenter, f"{hi:.3g}")
+        p.drawText(QRectF(0, r.bottom() - h / 2, left - 4, h), Qt.AlignRight | Qt.AlignVCenter, f"{lo:.3g}")
+        p.drawText(QRectF(r.left(), r.bottom() + 4, r.width(), h + 2), Qt.AlignCenter,
                    f"epoch 1..{n}" + ("  (log scale)" if log else ""))
-        # legend
-        x = r.right() - 150
+        # legend, above the plot area
+        x, y = r.left(), r.top() - h / 2 - 3
         for label, colour in (("train", TRAIN_COLOUR), ("validation", VAL_COLOUR)):
             p.setPen(QPen(colour, 3))
-            p.drawLine(QPointF(x, r.top() + 10), QPointF(x + 14, r.top() + 10))
+            p.drawLine(QPointF(x, y), QPointF(x + 14, y))
             p.setPen(fg)
-            p.drawText(QPointF(x + 18, r.top() + 14), label)
-            x += 62
+            p.drawText(QPointF(x + 18, y + fm.ascent() / 2 - 1), label)
+            x += 24 + fm.horizontalAdvance(label)
         p.end()

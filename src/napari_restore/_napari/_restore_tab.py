@@ -93,6 +93,38 @@ def add_or_update(viewer: Any, data: np.ndarray, kwargs: dict[str, Any]) -> Any:
     return viewer.add_image(data, **kwargs)
 
 
+def screen_plane(viewer: Any, layer: Any, volume: Any, slab: int) -> tuple[dict[int, int], Any, int, str]:
+    """The plane on screen as a small Volume: ``(lead index, sub-volume, its centre, a note naming it)``;
+    ``slab``: extra planes either side (what a 2.5-D or 3-D model reads)."""
+    lead, axis = current_plane(viewer, layer)
+    rec = L.record_of(layer) or {}
+    axes = tuple(rec.get("layer_axes", (0, 1, 2))) if rec else (0, 1, 2)
+    t = lead.get(0, 0) if layer.ndim == 4 else 0
+    k = lead.get(max(0, layer.ndim - 3) + axis, 0) if layer.ndim >= 3 else 0
+    sub, centre = L.plane_subvolume(volume, axes, axis, k, t, slab)
+    return lead, sub, centre, L.preview_plane_note(volume, int(axes[axis]), k)
+
+
+def layer_summary(layer: Any) -> str:
+    """``"CT · 28 x 512 x 512 voxels · 5 x 0.45 x 0.45 mm · DICOM"``."""
+    modality = L.layer_modality(layer)
+    shape = " x ".join(str(s) for s in np.shape(layer.data))
+    sp = " x ".join(f"{s:.3g}" for s in np.asarray(layer.scale)[-3:])
+    rec = L.record_of(layer)
+    src = "DICOM" if (rec or {}).get("meta", {}).get("dicom_header") is not None else ("file" if rec else "no source file")
+    return f"{modality if modality != 'OT' else 'unknown modality'} · {shape} voxels · {sp} mm · {src}"
+
+
+def layer_facts(layer: Any, modality: str) -> tuple[float | None, tuple[float, float, float]]:
+    """``(slice distance, spacing)`` of a layer in mm (what Auto and the mode are chosen for)."""
+    try:
+        vol = L.layer_volume(layer, modality)
+        return vol.slice_distance, vol.spacing
+    except RestoreError:
+        sc = np.concatenate([np.ones(3), np.asarray(layer.scale, dtype=float)])[-3:]
+        return (float(sc[0]) if layer.ndim >= 3 else None), tuple(sc)  # type: ignore[return-value]
+
+
 class RestoreTab(QWidget):
     """Restore panel over ``state`` (:class:`RestoreState`) and the shared ``catalogue``."""
 
@@ -275,14 +307,7 @@ class RestoreTab(QWidget):
             self.layer_info.setText(NO_LAYER)
             self.update_buttons()
             return
-        modality = L.layer_modality(layer)
-        shape = " x ".join(str(s) for s in np.shape(layer.data))
-        sp = " x ".join(f"{s:.3g}" for s in np.asarray(layer.scale)[-3:])
-        rec = L.record_of(layer)
-        src = "DICOM" if (rec or {}).get("meta", {}).get("dicom_header") is not None else \
-            ("file" if rec else "no source file")
-        self.layer_info.setText(f"{modality if modality != 'OT' else 'unknown modality'} · {shape} voxels · "
-                                f"{sp} mm · {src}")
+        self.layer_info.setText(layer_summary(layer))
         self.modality_combo.blockSignals(True)
         self.modality_combo.setCurrentIndex(0)
         self.modality_combo.blockSignals(False)
@@ -298,16 +323,8 @@ class RestoreTab(QWidget):
         return L.layer_modality(layer) if layer is not None else "OT"
 
     def _volume_facts(self) -> tuple[float | None, tuple[float, float, float] | None]:
-        """``(slice distance, spacing)`` of the input layer in mm (None without a layer)."""
         layer = self.input_layer()
-        if layer is None:
-            return None, None
-        try:
-            vol = L.layer_volume(layer, self.modality())
-            return vol.slice_distance, vol.spacing
-        except RestoreError:
-            sc = np.concatenate([np.ones(3), np.asarray(layer.scale, dtype=float)])[-3:]
-            return (float(sc[0]) if layer.ndim >= 3 else None), tuple(sc)  # type: ignore[return-value]
+        return layer_facts(layer, self.modality()) if layer is not None else (None, None)
 
     # ------------------------------------------------------------------ models
     def refresh_models(self) -> None:
@@ -329,9 +346,6 @@ class RestoreTab(QWidget):
         self.model_combo.setCurrentIndex(i)
         self.model_combo.blockSignals(False)
         self._on_model_index(i)
-
-    def auto_card(self) -> Any:
-        return self.catalogue.auto_card(self.state.task, self.modality(), self.state.mode, self._volume_facts()[0])
 
     def _on_model_index(self, index: int) -> None:
         key = self.model_combo.itemData(index)
@@ -362,7 +376,7 @@ class RestoreTab(QWidget):
             self._show_card(f"<b>No trained {self.state.task} model for {self.modality()} is installed.</b> "
                             "Train one in the Fine-tune tab, or Load model...", "No model installed", expand=True)
         else:
-            best = self.auto_card()
+            best = self.catalogue.auto_card(self.state.task, self.modality(), self.state.mode, distance)
             self._show_card(("Auto picks " + card_html(best)) if best is not None else
                             f"The best of {n} installed model(s) for the task, modality and mode.",
                             "Auto: " + card_title(best) if best is not None else "Auto")
@@ -384,12 +398,12 @@ class RestoreTab(QWidget):
         if self.model_combo.itemData(index) != "__load__":
             return
         path = QFileDialog.getExistingDirectory(self, "Model folder (card.json + model.pt) or MONAI bundle")
-        if path:
-            try:
+        try:
+            if path:
                 self.add_model_path(path)
                 return
-            except RestoreError as exc:
-                self.jobs.show_error(exc)
+        except RestoreError as exc:
+            self.jobs.show_error(exc)
         self.refresh_models()
 
     def add_model_path(self, path: str | Path) -> Any:
@@ -412,10 +426,7 @@ class RestoreTab(QWidget):
 
     def restore_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`napari_restore.restore` for the panel's choices."""
-        s = self.state
-        return {"task": s.task, "model": self.catalogue.model_arg(s.model), "mode": s.mode, "device": s.device,
-                "strength": float(s.strength), "batch_size": s.batch_size or None,
-                "tile": s.tile or None, "overlap": float(s.overlap), "ensemble": s.ensemble or None}
+        return self.state.to_options(self.catalogue.model_arg(self.state.model)).to_dict()
 
     def warm_up(self) -> Job | None:
         """Load and run the chosen model in the background (see :class:`ModelWarmer`)."""
@@ -440,10 +451,10 @@ class RestoreTab(QWidget):
             return None
         try:
             layer, volume = self._volume("restore")
+            kwargs = self.restore_kwargs()
         except RestoreError as exc:
             self.jobs.show_error(exc)
             return None
-        kwargs = self.restore_kwargs()
         name = L.output_name(layer.name, kwargs["task"], volume.modality)
         layer_name = layer.name
 
@@ -480,20 +491,13 @@ class RestoreTab(QWidget):
             return None
         try:
             layer, volume = self._volume("preview")
-            lead, axis = current_plane(self.viewer, layer)
-            rec = L.record_of(layer) or {}
-            axes = tuple(rec.get("layer_axes", (0, 1, 2))) if rec else (0, 1, 2)
-            t = lead.get(0, 0) if layer.ndim == 4 else 0
-            spatial0 = max(0, layer.ndim - 3)
-            k = lead.get(spatial0 + axis, 0) if layer.ndim >= 3 else 0
             slab = 8 if self.state.mode == "3d" else self.catalogue.context_slices(
                 self.state.model, self.state.task, self.modality(), volume.slice_distance, self.cards)
-            sub, centre = L.plane_subvolume(volume, axes, axis, k, t, slab)
-            plane_note = L.preview_plane_note(volume, int(axes[axis]), k)
+            lead, sub, centre, plane_note = screen_plane(self.viewer, layer, volume, slab)
+            kwargs = self.restore_kwargs()
         except RestoreError as exc:
             self.jobs.show_error(exc)
             return None
-        kwargs = self.restore_kwargs()
         name, layer_name = f"{layer.name} [preview]", layer.name
         shape_in, linear = np.shape(layer.data), L.data_linear(layer)
 

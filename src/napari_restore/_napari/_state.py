@@ -17,9 +17,9 @@ from typing import Any
 
 from psygnal import Signal, SignalGroup, evented
 
-TASKS = ("denoise", "deblur", "enhance", "restore")
-TASK_LABELS = {"denoise": "Denoise", "deblur": "Deblur", "enhance": "Enhance edges",
-               "restore": "Full restore (denoise > deblur > enhance)"}
+from ..constants import TASK_LABELS, TASKS
+from ..options import RestoreOptions
+
 #: Slices thicker than this (mm), or more than ``THICK_RATIO`` times the in-plane pixel, are
 #: restored slice by slice (2-D): a 3-D network would mix anatomy of distant planes.
 THICK_SLICE_MM = 2.5
@@ -54,6 +54,17 @@ class RestoreState:
     done: int = 0
     total: int = 0
     status: str = "Ready"
+
+    def to_options(self, model: Any = None) -> RestoreOptions:
+        """The :class:`~napari_restore.options.RestoreOptions` these choices mean (0 = automatic);
+        ``model``: the ``model=`` value for :attr:`model` (a loaded bundle object, a name, a path).
+
+        Raises:
+            InputError: a value out of range (the message names the option).
+        """
+        return RestoreOptions(task=self.task, model=model, mode=self.mode, device=self.device,
+                              strength=float(self.strength), batch_size=self.batch_size or None,
+                              tile=self.tile or None, overlap=float(self.overlap), ensemble=self.ensemble or None)
 
 
 @evented

@@ -64,6 +64,7 @@ def prepare_training(req: TrainRequest, tmp: Path, **overrides: Any) -> Any:
     from ..training import TrainConfig
 
     tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
     data: list[str] = []
     val: list[str] = []
     low: list[str] = []
