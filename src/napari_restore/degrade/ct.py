@@ -1,17 +1,8 @@
-"""Physically plausible degradations of CT and MR images, for training and benchmarks.
+"""Low-dose CT noise: simulated in the projection domain, or by its image-domain approximation.
 
-Everything here works on plain numpy arrays: a 2-D slice ``(y, x)`` or a 3-D volume
-``(z, y, x)`` (treated slice by slice), in physical units (HU for CT). Every random draw comes
-from ``numpy.random.default_rng(seed)``, so a result is reproducible from its seed.
-
-* :func:`ct_lowdose_noise` -- low-dose CT noise simulated in the projection domain (line
-  integrals, photon counts with Poisson and electronic noise, filtered back-projection) or by a
-  fast image-domain approximation with the same noise power spectrum and local level.
-* :func:`mr_rician_noise` -- Rician noise: complex Gaussian noise added to the image (or its
-  k-space), magnitude taken.
-* :func:`gaussian_psf`, :func:`motion_psf`, :func:`blur`, :func:`blur_and_noise` -- spacing-aware
-  point spread functions and convolution.
-* :func:`degrade` -- one entry point for all of them.
+:func:`ct_lowdose_noise` returns the low-dose image, :func:`ct_lowdose_added_noise` the noise it
+adds; :func:`local_noise_sd_map` and :func:`shaped_unit_noise` are the two halves of the fast
+image-domain method (the local noise level and the noise power spectrum of filtered back-projection).
 
 Physical model of the CT simulation (parallel-beam geometry, monochromatic):
 
@@ -39,13 +30,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Literal, Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
-from scipy.signal import fftconvolve
 
-from .errors import InputError
+from ..errors import InputError
+from .inputs import Seed, _as_image, _inplane_spacing, _rng
+
 
 #: Linear attenuation of water in 1/mm at about 70 keV (NIST XCOM: 0.1937 cm^2/g x 1 g/cm^3).
 MU_WATER_PER_MM = 0.0194
@@ -66,34 +58,6 @@ _FORWARD_GRID_MM = 2.0
 #: Exponent of the angular tube-current modulation (0 = constant tube current).
 DEFAULT_TCM = 0.5
 _FILTERS = ("ramp", "shepp-logan", "cosine", "hamming", "hann")
-
-Seed = int | np.random.Generator | None
-
-
-# ---------------------------------------------------------------------------- helpers
-def _rng(seed: Seed) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
-def _as_image(image: Any, name: str = "image") -> np.ndarray:
-    arr = np.asarray(image)
-    if arr.ndim not in (2, 3):
-        raise InputError(f"{name} must be a 2-D slice (y, x) or a 3-D volume (z, y, x), got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
-        raise InputError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
-    if not np.all(np.isfinite(arr)):
-        raise InputError(f"{name} contains NaN or infinite values")
-    return arr
-
-
-def _inplane_spacing(spacing_mm: Any) -> tuple[float, float]:
-    """(dy, dx) in mm from a 2- or 3-element spacing (z, y, x)."""
-    sp = np.atleast_1d(np.asarray(spacing_mm, dtype=np.float64))
-    if sp.size == 1:
-        sp = np.repeat(sp, 2)
-    if sp.size not in (2, 3) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
-        raise InputError(f"spacing_mm must be 2 (dy, dx) or 3 (dz, dy, dx) positive numbers in mm, got {spacing_mm!r}")
-    return float(sp[-2]), float(sp[-1])
 
 
 def hu_to_mu(hu: np.ndarray, mu_water: float = MU_WATER_PER_MM) -> np.ndarray:
@@ -249,7 +213,7 @@ def _unit_fbp_noise(filter_name: str, size: int = 128, realisations: int = 24) -
     """
     from skimage.transform import iradon
 
-    from .metrics import noise_power_spectrum, radial_average
+    from ..metrics import noise_power_spectrum, radial_average
 
     rng = np.random.default_rng(20240601)
     theta = np.linspace(0.0, 180.0, size, endpoint=False)
@@ -409,281 +373,3 @@ def ct_lowdose_noise(
                                    method=method, n_views=n_views, filter_name=filter_name,
                                    mu_water=mu_water, tcm=tcm, seed=seed)
     return (arr.astype(np.float32) + noise).astype(np.float32)
-
-
-# ---------------------------------------------------------------------------- MR
-def foreground_mean(image: np.ndarray) -> float:
-    """Mean signal of the foreground: pixels above the Otsu threshold of the image."""
-    from skimage.filters import threshold_otsu
-
-    arr = np.asarray(image, dtype=np.float64)
-    if np.ptp(arr) == 0:
-        return float(arr.flat[0])
-    fg = arr[arr > threshold_otsu(arr)]
-    return float(fg.mean())
-
-
-def mr_rician_noise(
-    image: np.ndarray,
-    sigma_fraction: float,
-    *,
-    reference: float | None = None,
-    domain: Literal["image", "kspace"] = "image",
-    seed: Seed = None,
-) -> np.ndarray:
-    """Rician noise: complex Gaussian noise added, magnitude taken.
-
-    ``sigma = sigma_fraction * reference`` is the SD of each of the real and imaginary noise
-    channels, in image units. The image is taken as the real part of the true complex signal.
-    The magnitude of pure noise has mean ``sigma * sqrt(pi/2)`` (the Rician bias at low SNR).
-
-    Args:
-        image: magnitude MR image, ``(y, x)`` or ``(z, y, x)``, arbitrary units.
-        sigma_fraction: noise SD as a fraction of ``reference`` (e.g. 0.02-0.10).
-        reference: reference signal level in image units; default: the mean of the foreground
-            (pixels above the Otsu threshold of the whole image or volume), i.e. the tissue signal.
-        domain: ``"image"`` adds the complex noise to the image; ``"kspace"`` adds it to the
-            orthonormal 2-D FFT of each slice and transforms back (identical statistics, as the
-            orthonormal FFT keeps white noise white with the same SD).
-        seed: seed or ``numpy.random.Generator``.
-
-    Returns:
-        float32 magnitude image of the input's shape.
-    """
-    arr = _as_image(image).astype(np.float64)
-    if not (float(sigma_fraction) >= 0):
-        raise InputError(f"sigma_fraction must be >= 0, got {sigma_fraction!r}")
-    if domain not in ("image", "kspace"):
-        raise InputError(f"domain must be 'image' or 'kspace', got {domain!r}")
-    ref = foreground_mean(arr) if reference is None else float(reference)
-    sigma = float(sigma_fraction) * ref
-    rng = _rng(seed)
-    noise = rng.standard_normal(arr.shape) + 1j * rng.standard_normal(arr.shape)
-    noise *= sigma
-    if domain == "kspace":
-        k = np.fft.fft2(arr, axes=(-2, -1), norm="ortho") + noise
-        out = np.abs(np.fft.ifft2(k, axes=(-2, -1), norm="ortho"))
-    else:
-        out = np.abs(arr + noise)
-    return out.astype(np.float32)
-
-
-# ---------------------------------------------------------------------------- blur
-def _fwhm_to_sigma(fwhm: float) -> float:
-    return fwhm / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-
-
-def gaussian_psf(
-    fwhm_mm: float | Sequence[float],
-    spacing_mm: Sequence[float],
-    size: int | Sequence[int] | None = None,
-) -> np.ndarray:
-    """Gaussian point spread function sampled on the pixel grid, normalised to sum 1.
-
-    Args:
-        fwhm_mm: full width at half maximum in mm, one value (isotropic) or one per axis in the
-            order of ``spacing_mm``. A 0 along an axis means no blur along it.
-        spacing_mm: pixel spacing in mm, ``(dy, dx)`` for a 2-D in-plane PSF or ``(dz, dy, dx)`` for 3-D.
-        size: kernel size in pixels per axis (odd); default covers +-4 sigma.
-
-    Returns:
-        float64 kernel, 2-D or 3-D like ``spacing_mm``, centred, sum 1.
-    """
-    sp = np.asarray(spacing_mm, dtype=np.float64).ravel()
-    if sp.size not in (2, 3) or np.any(~np.isfinite(sp)) or np.any(sp <= 0):
-        raise InputError(f"spacing_mm must be 2 or 3 positive numbers in mm, got {spacing_mm!r}")
-    fw = np.broadcast_to(np.asarray(fwhm_mm, dtype=np.float64).ravel(), sp.shape) if np.size(fwhm_mm) in (1, sp.size) else None
-    if fw is None or np.any(~np.isfinite(fw)) or np.any(fw < 0):
-        raise InputError(f"fwhm_mm must be >= 0, one value or one per axis of {sp.size}, got {fwhm_mm!r}")
-    sig_px = np.array([_fwhm_to_sigma(f) / s for f, s in zip(fw, sp)])
-    if size is None:
-        sizes = [2 * int(math.ceil(4.0 * s)) + 1 for s in sig_px]
-    else:
-        sizes = list(np.broadcast_to(np.asarray(size, dtype=int).ravel(), sp.shape))
-        if any(n < 1 or n % 2 == 0 for n in sizes):
-            raise InputError(f"size must be odd and positive per axis, got {size!r}")
-    kernel = np.ones([1] * sp.size)
-    for ax, (n, s) in enumerate(zip(sizes, sig_px)):
-        x = np.arange(n) - n // 2
-        g = np.exp(-0.5 * (x / s) ** 2) if s > 0 else (x == 0).astype(np.float64)
-        g /= g.sum()
-        shape = [1] * sp.size
-        shape[ax] = n
-        kernel = kernel * g.reshape(shape)
-    return kernel / kernel.sum()
-
-
-def motion_psf(
-    length_mm: float,
-    angle_deg: float,
-    spacing_mm: Sequence[float],
-    size: int | None = None,
-) -> np.ndarray:
-    """Linear motion PSF: a uniform line segment, anti-aliased, normalised to sum 1.
-
-    Args:
-        length_mm: length of the motion path in mm (the blur extent).
-        angle_deg: direction of the motion in degrees, measured from the image x axis (columns)
-            towards the y axis (rows, i.e. downwards on screen): 0 = horizontal, 90 = vertical.
-        spacing_mm: pixel spacing ``(dy, dx)`` (or ``(dz, dy, dx)``, z ignored) in mm; the segment is
-            laid out in mm, so its pixel footprint follows anisotropic pixels.
-        size: kernel side in pixels (odd); default just fits the segment.
-
-    Returns:
-        2-D float64 kernel ``(y, x)``, centred, sum 1. Its spread along the direction of motion
-        has the second moment of a uniform segment, ``length**2 / 12`` (+ 1/6 pixel^2 from the
-        bilinear anti-aliasing).
-    """
-    dy, dx = _inplane_spacing(spacing_mm)
-    if not (float(length_mm) >= 0) or not math.isfinite(float(angle_deg)):
-        raise InputError(f"length_mm must be >= 0 and angle_deg finite, got {length_mm!r}, {angle_deg!r}")
-    a = math.radians(angle_deg)
-    ly = length_mm * math.sin(a) / dy  # extent in pixels
-    lx = length_mm * math.cos(a) / dx
-    if size is None:
-        half = int(math.ceil(max(abs(ly), abs(lx)) / 2.0)) + 1
-        size = 2 * half + 1
-    if size < 1 or size % 2 == 0:
-        raise InputError(f"size must be odd and positive, got {size!r}")
-    kernel = np.zeros((size, size))
-    c = size // 2
-    n_pts = max(2, int(math.ceil(8 * max(abs(ly), abs(lx), 1.0))))
-    t = (np.arange(n_pts) + 0.5) / n_pts - 0.5  # uniform samples along the segment
-    py, px = c + t * ly, c + t * lx
-    y0, x0 = np.floor(py).astype(int), np.floor(px).astype(int)
-    fy, fx = py - y0, px - x0
-    for oy, wy in ((0, 1 - fy), (1, fy)):
-        for ox, wx in ((0, 1 - fx), (1, fx)):
-            yi, xi = y0 + oy, x0 + ox
-            ok = (yi >= 0) & (yi < size) & (xi >= 0) & (xi < size)
-            np.add.at(kernel, (yi[ok], xi[ok]), (wy * wx)[ok])
-    return kernel / kernel.sum()
-
-
-_PAD_MODES = {"reflect": "symmetric", "mirror": "reflect", "nearest": "edge", "wrap": "wrap", "constant": "constant"}
-
-
-def blur(image: np.ndarray, psf: np.ndarray, mode: str = "reflect") -> np.ndarray:
-    """Convolve an image with a PSF (FFT convolution, borders extended by ``mode``).
-
-    Args:
-        image: ``(y, x)`` or ``(z, y, x)``.
-        psf: 2-D kernel (applied to every slice of a volume) or 3-D kernel (volume only).
-        mode: border handling, as in ``scipy.ndimage``: ``reflect`` (half-sample symmetric),
-            ``mirror``, ``nearest``, ``wrap`` or ``constant`` (zeros).
-
-    Returns:
-        float32 array of the image's shape.
-    """
-    arr = _as_image(image).astype(np.float64)
-    k = np.asarray(psf, dtype=np.float64)
-    if mode not in _PAD_MODES:
-        raise InputError(f"mode must be one of {sorted(_PAD_MODES)}, got {mode!r}")
-    if k.ndim not in (2, 3) or k.ndim > arr.ndim or any(s % 2 == 0 for s in k.shape):
-        raise InputError(f"psf must be a 2-D or 3-D kernel with odd sizes, no more dimensions than the image; got {k.shape}")
-    if k.ndim < arr.ndim:
-        k = k[None]
-    pads = [(s // 2, s // 2) for s in k.shape]
-    padded = np.pad(arr, pads, mode=_PAD_MODES[mode])
-    axes = (-3, -2, -1) if (k.ndim == 3 and k.shape[0] > 1) else (-2, -1)
-    out = fftconvolve(padded, k, mode="valid", axes=axes)
-    return out.astype(np.float32)
-
-
-def blur_and_noise(
-    image: np.ndarray,
-    psf: np.ndarray,
-    noise_sd: float = 0.0,
-    *,
-    mode: str = "reflect",
-    seed: Seed = None,
-) -> np.ndarray:
-    """Blur with ``psf`` (see :func:`blur`), then add white Gaussian noise of SD ``noise_sd``.
-
-    Args:
-        noise_sd: SD of the added noise in image units (HU for CT); 0 for none.
-    """
-    if not (float(noise_sd) >= 0):
-        raise InputError(f"noise_sd must be >= 0, got {noise_sd!r}")
-    out = blur(image, psf, mode=mode)
-    if noise_sd > 0:
-        out = out + (float(noise_sd) * _rng(seed).standard_normal(out.shape)).astype(np.float32)
-    return out.astype(np.float32)
-
-
-# ---------------------------------------------------------------------------- entry point
-_KINDS = ("ct_lowdose", "mr_rician", "gaussian_blur", "motion_blur")
-
-
-def degrade(image: Any, kind: str, *, seed: Seed = None, spacing_mm: Sequence[float] | None = None,
-            **params: Any) -> Any:
-    """Apply one degradation to a 2-D slice ``(y, x)`` or, slice-wise, to a 3-D volume ``(z, y, x)``.
-
-    Args:
-        image: numpy array in physical units, or a :class:`~napari_restore.volume.Volume` (3-D),
-            whose spacing is then used and which is returned as a new Volume with a provenance step.
-        kind: ``"ct_lowdose"`` (params of :func:`ct_lowdose_noise`: ``dose``, ``photons``,
-            ``electronic_noise``, ``method``, ...), ``"mr_rician"`` (``sigma_fraction``,
-            ``reference``, ``domain``; the reference is taken over the whole input so that all slices
-            share one noise level), ``"gaussian_blur"`` (``fwhm_mm``, ``noise_sd``, ``mode``; in-plane
-            unless ``three_d=True``), ``"motion_blur"`` (``length_mm``, ``angle_deg``, ``noise_sd``,
-            ``mode``).
-        seed: seed or ``numpy.random.Generator``; the same seed gives the same result.
-        spacing_mm: pixel spacing in mm, ``(dy, dx)`` or ``(dz, dy, dx)``; needed by every kind but
-            ``mr_rician``.
-
-    Returns:
-        float32 array of the input's shape (or a Volume when a Volume was given).
-    """
-    from .volume import Volume
-
-    volume = image if isinstance(image, Volume) else None
-    if volume is not None:
-        if volume.array.ndim != 3:
-            raise InputError(f"degrade works on 3-D volumes, got shape {volume.array.shape}")
-        arr = volume.array
-        if spacing_mm is None:
-            spacing_mm = volume.spacing
-    else:
-        arr = _as_image(image)
-    if kind not in _KINDS:
-        raise InputError(f"unknown degradation kind {kind!r}; expected one of {_KINDS}")
-    if kind != "mr_rician" and spacing_mm is None:
-        raise InputError(f"degradation {kind!r} needs spacing_mm (pixel spacing in mm)")
-
-    recorded = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in params.items()}
-    params = dict(params)
-    if kind == "ct_lowdose":
-        if "dose" not in params:
-            raise InputError("degradation 'ct_lowdose' needs dose (fraction of the full dose, e.g. 0.25)")
-        out = ct_lowdose_noise(arr, spacing_mm, seed=seed, **params)
-    elif kind == "mr_rician":
-        if "sigma_fraction" not in params:
-            raise InputError("degradation 'mr_rician' needs sigma_fraction (noise SD / tissue signal)")
-        out = mr_rician_noise(arr, seed=seed, **params)
-    else:
-        noise_sd = params.pop("noise_sd", 0.0)
-        mode = params.pop("mode", "reflect")
-        if kind == "gaussian_blur":
-            if "fwhm_mm" not in params:
-                raise InputError("degradation 'gaussian_blur' needs fwhm_mm (PSF width in mm)")
-            three_d = bool(params.pop("three_d", False))
-            sp = np.asarray(spacing_mm, dtype=np.float64).ravel()
-            if three_d:
-                if arr.ndim != 3 or sp.size != 3:
-                    raise InputError("a 3-D Gaussian PSF needs a 3-D volume and spacing_mm (dz, dy, dx)")
-                psf = gaussian_psf(params.pop("fwhm_mm"), sp, **params)
-            else:
-                fw = np.asarray(params.pop("fwhm_mm"), dtype=np.float64).ravel()
-                psf = gaussian_psf(fw[-2:] if fw.size > 1 else fw, _inplane_spacing(sp), **params)
-        else:
-            if "length_mm" not in params or "angle_deg" not in params:
-                raise InputError("degradation 'motion_blur' needs length_mm and angle_deg")
-            psf = motion_psf(params.pop("length_mm"), params.pop("angle_deg"), spacing_mm, **params)
-        out = blur_and_noise(arr, psf, noise_sd, mode=mode, seed=seed)
-
-    if volume is not None:
-        step = {"operation": "degrade", "kind": kind, "seed": seed if isinstance(seed, int) else None,
-                "params": recorded}
-        return volume.copy_with(out, step)
-    return out
