@@ -17,105 +17,34 @@
 
 Task ``"enhance"`` without a trained model uses a classical, noise-aware unsharp mask
 (:class:`UnsharpEnhance`); ``"denoise"`` and ``"deblur"`` need a trained model.
+
+This module chooses the steps (models, the pipeline) and runs them over the volume; running one
+step over arrays is :mod:`napari_restore.step_runner`'s, tiling :mod:`napari_restore.tiling`'s, the
+classical enhancer :mod:`napari_restore.unsharp`'s, the options :mod:`napari_restore.options`'.
 """
 from __future__ import annotations
 
-import copy
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .constants import PIPELINE, TASKS
-from .errors import Cancelled, InputError, ModelError, RestoreError
+from . import models as _models
+from .constants import IMAGE_MODALITIES, PIPELINE, TASKS
+from .errors import InputError, ModelError
 from .geometry import largest_step
 from .intensity import Normalizer, default_spec
-from . import models as _models
 from .models import LoadedModel, ModelCard, find_model, load_model, user_model_dirs
-from .networks import mirror_indices
 from .options import RestoreOptions, accepts_options
+from .step_runner import CancelFn, _blend_into, _Runner, _Step
+from .unsharp import UnsharpEnhance
 from .volume import Volume
 
 ProgressFn = Callable[[int, int], Any]
-CancelFn = Callable[[], bool]
-
-#: Largest volume (voxels) run as a single 3-D window when neither ``tile`` nor the card's
-#: ``patch_size`` says otherwise.
-_WHOLE_3D_MAX = 1 << 22
-_DEFAULT_3D_TILE = (64, 192, 192)
-
-
-# ---------------------------------------------------------------------------- classical enhance
-def _gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3.0 * sigma)))
-    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (t / max(sigma, 1e-6)) ** 2)
-    return k / k.sum()
-
-
-class UnsharpEnhance(nn.Module):
-    """Noise-aware unsharp masking: ``y = x + amount * g(d) * d``.
-
-    ``d = G(sigma_small) * x - G(sigma_large) * x`` is a band-pass detail layer (it leaves out the
-    finest scale, where pixel noise lives) and ``g(d) = d^2 / (d^2 + (k * noise_d)^2)`` cores
-    it: detail at the noise level of ``d`` is hardly boosted, real edges are. Separable Gaussian
-    filters with reflect padding; a local operation, so tiled and whole results agree.
-
-    Args:
-        spatial_dims: 2 (``(B, 1, H, W)``) or 3 (``(B, 1, D, H, W)``).
-        sigmas_small, sigmas_large: Gaussian sigmas per spatial axis, in voxels.
-        noise_d: noise SD of ``d`` (same units as ``x``); see :meth:`estimate_noise`.
-        amount: gain of the detail layer; ``k``: coring threshold in noise SDs.
-    """
-
-    def __init__(self, spatial_dims: int, sigmas_small: Sequence[float], sigmas_large: Sequence[float],
-                 noise_d: float = 0.0, amount: float = 1.5, k: float = 3.0):
-        super().__init__()
-        self.spatial_dims, self.amount, self.k = spatial_dims, float(amount), float(k)
-        self.noise_d = float(noise_d)
-        self.small = [_gaussian_kernel(s) for s in sigmas_small]
-        self.large = [_gaussian_kernel(s) for s in sigmas_large]
-
-    def _blur(self, x: torch.Tensor, kernels: list[torch.Tensor]) -> torch.Tensor:
-        for axis, k in enumerate(kernels):
-            r = (k.numel() - 1) // 2
-            if r == 0 or x.shape[2 + axis] == 1:
-                continue
-            shape = [1, 1] + [1] * self.spatial_dims
-            shape[2 + axis] = k.numel()
-            pad = [0, 0] * self.spatial_dims
-            pad[2 * (self.spatial_dims - 1 - axis)] = pad[2 * (self.spatial_dims - 1 - axis) + 1] = r
-            mode = "reflect" if x.shape[2 + axis] > r else "replicate"
-            xp = F.pad(x, pad, mode=mode)
-            conv = F.conv2d if self.spatial_dims == 2 else F.conv3d
-            x = conv(xp, k.to(x.device, x.dtype).reshape(shape))
-        return x
-
-    def detail(self, x: torch.Tensor) -> torch.Tensor:
-        """The band-pass detail layer ``d`` (same shape as ``x``)."""
-        return self._blur(x, self.small) - self._blur(x, self.large)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        d = self.detail(x32)
-        t2 = (self.k * self.noise_d) ** 2
-        gain = d * d / (d * d + t2) if t2 > 0 else torch.ones_like(d)
-        return x32 + self.amount * gain * d
-
-    @torch.no_grad()
-    def estimate_noise(self, x: torch.Tensor) -> float:
-        """Robust SD of ``d`` over a sample ``x``: ``1.4826 * median |d|`` (edges are sparse)."""
-        d = self.detail(x.float()).abs().flatten()
-        d = d[d > 0]
-        return float(1.4826 * d.median()) if d.numel() else 0.0
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -136,296 +65,10 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise InputError(f"unknown device {device!r} ({exc}); use 'auto', 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
 
 
-def _is_oom(exc: BaseException) -> bool:
-    oom_type = getattr(torch.cuda, "OutOfMemoryError", ())
-    return (isinstance(exc, oom_type) or isinstance(exc, MemoryError)
-            or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()))
-
-
-def _free_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(device)[0])
-        except Exception:  # pragma: no cover - driver quirks
-            return None
-    return None
-
-
-def _split_pad(size: int, multiple: int) -> tuple[int, int]:
-    """Padding (before, after) that the network itself would add (see ResidualUNet.forward)."""
-    extra = (-size) % multiple
-    return extra // 2, extra - extra // 2
-
-
-def _aligned_windows(shape: Sequence[int], roi: Sequence[int], overlap: float, multiple: int):
-    """A window grid that matches the whole-image result as closely as possible.
-
-    A strided U-Net is shift-equivariant only for shifts by ``multiple``, so every window starts
-    at a multiple of it, on the input padded exactly as the network pads a whole image. The grid
-    also fits the padded size exactly (windows grow a little where needed): MONAI would
-    otherwise shift the last window back, and a window edge next to the image border gets
-    weight where no other window is reliable. Returns ``(pads, roi, overlap)`` with ``overlap``
-    chosen so that MONAI's ``int(roi * (1 - overlap))`` is the step.
-    """
-    pads = [_split_pad(int(s), multiple) for s in shape]
-    padded = [int(s) + a + b for s, (a, b) in zip(shape, pads)]
-    roi_a, ovl = [], []
-    for r, size in zip(roi, padded):
-        r = min(size, max(multiple, int(r) // multiple * multiple))
-        if r >= size:
-            roi_a.append(size)
-            ovl.append(0.0)
-            continue
-        step = max(multiple, int(r * (1.0 - overlap)) // multiple * multiple)
-        n = -(-(size - r) // step) + 1  # windows along this axis
-        step = max(multiple, (size - r) // (n - 1) // multiple * multiple)
-        r = size - (n - 1) * step
-        roi_a.append(r)
-        ovl.append(min(0.999, max(0.0, 1.0 - (step + 0.5) / r)))
-    return pads, tuple(roi_a), tuple(ovl)
-
-
-def _blend_weights(roi: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Gaussian window weights ``(1, 1, *roi)``, sigma = roi / 8, NOT clamped.
-
-    MONAI's own Gaussian map is clamped at 1e-3 of its peak; near the image border, where the
-    other axis' factor is already small, that clamp gives a window's unreliable edge the same
-    weight as another window's centre. An unclamped separable product keeps the ratios.
-    """
-    w = torch.ones((1, 1), dtype=torch.float32)
-    for r in roi:
-        t = torch.arange(r, dtype=torch.float64) - (r - 1) / 2.0
-        g = torch.exp(-0.5 * (t / (0.125 * r)) ** 2)
-        w = w[..., None] * (g / g.max()).float()
-    return w.to(device)
-
-
-def _inferer(roi, batch: int, overlap, device: torch.device, stitch: torch.device):
-    from monai.inferers import SlidingWindowInferer
-
-    inferer = SlidingWindowInferer(roi_size=roi, sw_batch_size=batch, overlap=overlap, mode="gaussian",
-                                   padding_mode="replicate", sw_device=device, device=stitch)
-    inferer.roi_weight_map = _blend_weights(roi, device)
-    return inferer
-
-
-def _pad_array(x: torch.Tensor, pads: list[tuple[int, int]]) -> torch.Tensor:
-    """Pad the trailing ``len(pads)`` axes of ``x`` (reflect where possible, like the network)."""
-    flat = [p for ab in reversed(pads) for p in ab]
-    if not any(flat):
-        return x
-    small = any(max(a, b) >= s for (a, b), s in zip(pads, x.shape[-len(pads):]))
-    return F.pad(x, flat, mode="replicate" if small else "reflect")
-
-
-@dataclass
-class _Step:
-    """One restoration step ready to run: a network in normalised units and its mapping."""
-
-    task: str
-    name: str
-    version: str
-    network: nn.Module
-    intensity: dict[str, Any]
-    dims: int
-    patch_size: list[int] | None = None
-    learned: bool = True
-    normalizer: Normalizer | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    card: Any = None  # the ModelCard of a learned step (for the trusted-range guard)
-
-
-class _Runner:
-    """Runs one step over 3-D arrays with batching, OOM fallback, progress and cancel."""
-
-    def __init__(self, step: _Step, device: torch.device, batch_size: int | None, tile, overlap: float,
-                 stitch_device: str | None, report: Callable[[int], None], cancel: CancelFn | None):
-        self.step, self.device, self.overlap = step, device, overlap
-        self.tile, self.report, self.cancel = tile, report, cancel
-        self.user_batch = batch_size
-        self.batch: int | None = batch_size
-        self.stitch_device = stitch_device
-        self.fell_back = ""
-        # keep the CPU network untouched: it is the fallback after an out-of-memory error
-        self.net = step.network if device.type == "cpu" else copy.deepcopy(step.network).to(device)
-
-    # -- bookkeeping
-    def _check_cancel(self) -> None:
-        if self.cancel is not None and self.cancel():
-            raise Cancelled("restoration cancelled by the user; nothing was returned")
-
-    def _on_oom(self, exc: BaseException) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        if self.batch is not None and self.batch > 1:
-            self.batch //= 2
-            return
-        if self.device.type != "cpu":
-            self.fell_back = f"{self.device.type} ran out of memory; finished on the CPU"
-            warnings.warn(self.fell_back, RuntimeWarning, stacklevel=4)
-            self.device = torch.device("cpu")
-            self.net = self.step.network
-            self.batch = None
-            return
-        raise RestoreError(f"out of memory on the CPU even with a batch of one ({exc}); "
-                           "pass a smaller tile= or close other programs") from None
-
-    def _auto_batch(self, pixels: int, per_pixel: float) -> int:
-        free = _free_bytes(self.device)
-        if free is not None:
-            return int(max(1, min(64, free * 0.4 // max(1.0, pixels * per_pixel))))
-        if self.device.type == "mps":
-            return 4
-        # CPU: bigger batches do not run faster per slice on big slices (memory bound)
-        return int(max(1, min(32, (1 << 18) // max(1, pixels))))
-
-    def _multiple(self) -> int:
-        return int(getattr(self.step.network, "multiple", 1))
-
-    def _per_pixel_bytes(self) -> float:
-        ch = self.step.network.config["channels"][0] if hasattr(self.step.network, "config") else 8
-        return 4.0 * 6 * ch
-
-    # -- 2-D
-    def run_2d(self, arr: np.ndarray, out: np.ndarray, strength: float) -> None:
-        """``arr``, ``out``: ``(z, y, x)`` physical units; writes ``out`` batch by batch."""
-        norm = self.step.normalizer
-        nz, ny, nx = arr.shape
-        k = int(getattr(self.step.network, "context", 0))
-        z = 0
-        while z < nz:
-            self._check_cancel()
-            if self.batch is None:
-                self.batch = self._auto_batch(ny * nx, self._per_pixel_bytes())
-            b = min(self.batch, nz - z)
-            src = arr[z:z + b]
-            try:
-                with warnings.catch_warnings():  # read-only input arrays: torch warns, we never write
-                    warnings.simplefilter("ignore", UserWarning)
-                    src_t = torch.from_numpy(src).to(self.device, torch.float32)
-                    if k:  # 2.5-D: slices z-k .. z+k as channels, mirrored at the volume's ends
-                        block = torch.from_numpy(arr[mirror_indices(z - k, b + 2 * k, nz)]).to(self.device, torch.float32)
-                with torch.inference_mode():
-                    if k:
-                        xn = norm.forward(block).unfold(0, 2 * k + 1, 1).permute(0, 3, 1, 2).contiguous()
-                    else:
-                        xn = norm.forward(src_t)[:, None]
-                    if self.tile is not None and (self.tile[0] < ny or self.tile[1] < nx):
-                        pads, roi, ovl = _aligned_windows((ny, nx), self.tile, self.overlap, self._multiple())
-                        inferer = _inferer(roi, 4, ovl, self.device, self.device)
-                        yn = inferer(_pad_array(xn, pads), self.net)
-                        yn = yn[..., pads[0][0]:pads[0][0] + ny, pads[1][0]:pads[1][0] + nx]
-                    else:
-                        yn = self.net(xn)
-                    y = norm.inverse_linear(yn[:, 0].float())
-                    if norm.clips:  # clipped voxels keep their original value
-                        y = torch.where((src_t < norm.lo) | (src_t > norm.hi), src_t, y)
-                    if strength <= 0.0:
-                        y = src_t
-                    elif strength < 1.0:
-                        y = torch.lerp(src_t, y, float(strength))
-                    out[z:z + b] = y.cpu().numpy()
-                del src_t, xn, yn, y
-            except Exception as exc:
-                if not _is_oom(exc):
-                    raise
-                self._on_oom(exc)
-                continue
-            z += b
-            self.report(b)
-
-    # -- 3-D
-    def run_3d(self, arr: np.ndarray, out: np.ndarray, strength: float) -> None:
-        """Sliding window over one ``(z, y, x)`` array; ``out`` receives the blended result."""
-        norm = self.step.normalizer
-        shape = arr.shape
-        roi = self._roi_3d(shape)
-        whole = tuple(roi) == tuple(shape)
-        pads, roi, ovl = ([(0, 0)] * 3, roi, (0.0,) * 3) if whole else \
-            _aligned_windows(shape, roi, self.overlap, self._multiple())
-        with warnings.catch_warnings():  # read-only input arrays: torch warns, we never write
-            warnings.simplefilter("ignore", UserWarning)
-            x = _pad_array(torch.from_numpy(arr)[None, None], pads)
-        while True:
-            if self.batch is None:
-                self.batch = self._auto_batch(int(np.prod(roi)), self._per_pixel_bytes())
-            stitch = self._stitch_device(arr.nbytes)
-            done = [0]
-
-            def predictor(w: torch.Tensor) -> torch.Tensor:
-                self._check_cancel()
-                with torch.inference_mode():
-                    y = self.net(norm.forward(w.to(self.device)))
-                y = norm.inverse_linear(y.float())
-                done[0] += w.shape[0]
-                self.report(w.shape[0])
-                return y
-
-            inferer = _inferer(roi, self.batch, ovl, self.device, stitch)
-            try:
-                with torch.inference_mode():
-                    y = inferer(x, predictor)
-                break
-            except Exception as exc:
-                if not _is_oom(exc):
-                    raise
-                self.report(-done[0])
-                self._on_oom(exc)
-        crop = tuple(slice(a, a + n) for (a, _), n in zip(pads, shape))
-        y = np.ascontiguousarray(y[(0, 0, *crop)].float().cpu().numpy())
-        del x
-        norm.restore_outside(y, arr)
-        _blend_into(out, arr, y, strength)
-        del y
-
-    def _stitch_device(self, nbytes: int) -> torch.device:
-        if self.stitch_device not in (None, "auto"):
-            return torch.device(self.stitch_device)
-        free = _free_bytes(self.device)
-        if free is not None and free > 4 * nbytes:
-            return self.device
-        return torch.device("cpu")
-
-    def _roi_3d(self, shape: Sequence[int]) -> tuple[int, ...]:
-        if self.tile is not None:
-            roi = self.tile
-        elif self.step.patch_size:
-            roi = tuple(self.step.patch_size)
-        elif int(np.prod(shape)) <= _WHOLE_3D_MAX:
-            roi = tuple(shape)
-        else:
-            roi = _DEFAULT_3D_TILE
-        return tuple(min(int(r), int(s)) for r, s in zip(roi, shape))
-
-    def windows_3d(self, shape: Sequence[int]) -> int:
-        """Number of sliding windows for one ``(z, y, x)`` array (for progress totals)."""
-        from monai.data.utils import dense_patch_slices
-        from monai.inferers.utils import _get_scan_interval
-
-        roi = self._roi_3d(shape)
-        if tuple(roi) == tuple(shape):
-            return 1
-        pads, roi, ovl = _aligned_windows(shape, roi, self.overlap, self._multiple())
-        padded = tuple(int(n) + a + b for n, (a, b) in zip(shape, pads))
-        return len(dense_patch_slices(padded, roi, _get_scan_interval(padded, roi, 3, ovl)))
-
-
-def _blend_into(out: np.ndarray, src: np.ndarray, restored: np.ndarray, strength: float) -> None:
-    """``out = src + strength * (restored - src)`` (``out`` may be ``restored``'s storage)."""
-    if strength >= 1.0:
-        out[...] = restored
-    elif strength <= 0.0:
-        out[...] = src
-    else:
-        np.subtract(restored, src, out=restored)
-        restored *= np.float32(strength)
-        np.add(restored, src, out=out)
-
-
 # ---------------------------------------------------------------------------- model resolution
 def _no_model_message(task: str, modality: str, mode: str) -> str:
     folders = ", ".join(str(p) for p in [_models.BUNDLED_DIR, *user_model_dirs()])
-    what = (f"for {modality}" if modality in ("CT", "MR")
+    what = (f"for {modality}" if modality in IMAGE_MODALITIES
             else "for any modality (the volume's modality is unknown: set it to CT or MR)")
     return (f"no trained {task!r} model {what} in {mode} mode is installed (looked in {folders}). "
             f"Train one (napari-restore train) and put its folder (card.json + model.pt) into "
@@ -460,9 +103,9 @@ def _step_from_model(task: str, model: Any, modality: str, mode: str, device: to
     dims = 2 if mode == "2d" else 3
     if card.dims != dims:
         raise ModelError(f"model {card.name!r} is {card.dims}-D; run it with mode='{card.dims}d'", where)
-    if card.modality != "any" and modality in ("CT", "MR") and card.modality != modality:
+    if card.modality != "any" and modality in IMAGE_MODALITIES and card.modality != modality:
         raise ModelError(f"model {card.name!r} is for {card.modality}, the volume is {modality}", where)
-    if card.modality != "any" and modality not in ("CT", "MR"):
+    if card.modality != "any" and modality not in IMAGE_MODALITIES:
         warn.append(f"the volume's modality is {modality!r}; model {card.name!r} assumes {card.modality} intensities")
     n = card.self_ensemble if ensemble is None else int(ensemble)
     net = prepare_for_inference(loaded.network).cpu()
@@ -478,7 +121,7 @@ def _resolve_steps(task: str, model: Any, volume: Volume, mode: str, device: tor
     dims = 2 if mode == "2d" else 3
 
     def auto(t: str) -> _Step | None:
-        card = find_model(t, modality if modality in ("CT", "MR") else "any", dims, largest_step(volume))
+        card = find_model(t, modality if modality in IMAGE_MODALITIES else "any", dims, largest_step(volume))
         if card is not None:
             return _step_from_model(t, card, modality, mode, device, warn, ensemble)
         if t == "enhance":
