@@ -40,7 +40,10 @@ def _pick_series(volumes: list[Volume], series: str | None, path: Path) -> Volum
 def _describe(v: Volume) -> str:
     sp = "x".join(f"{s:.3g}" for s in v.spacing)
     tilt = v.meta.get("gantry_tilt_deg") or 0.0
-    extra = f", tilt {tilt:.1f} deg" if tilt > 0.05 else ""
+    # with a gantry tilt the first spacing is the step between slice positions (the affine's sheared
+    # column); the slice planes are closer: that step times cos(tilt), along the slice normal
+    extra = (f", gantry tilt {tilt:.1f} deg: slice planes {v.slice_distance:.3g} mm apart along the normal, "
+             f"{v.spacing[0]:.3g} mm between slice positions" if tilt > 0.05 else "")
     return (f"{v.meta.get('description', '')!s} [{v.modality}] shape {tuple(v.array.shape)} spacing {sp} mm"
             f"{extra} (SeriesNumber {v.meta.get('series_number', '-')})")
 
@@ -69,6 +72,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     volume = _pick_series(load(src), args.series, src)
     if args.modality and volume.modality == "OT":  # NIfTI/MHA do not say: the user does
         volume.modality = args.modality.upper()
+    if volume.modality not in ("CT", "MR") and options.model is None and options.task != "enhance":
+        raise InputError(f"the image's modality is unknown ({volume.modality!r}: NIfTI, MHA and NRRD files do not record "
+                         "it, and its values do not look like CT Hounsfield units, which would have said CT), so no "
+                         "model can be chosen for it: pass --modality CT|MR (or --model NAME)", src)
     out = Path(args.output)
     dicom_out = _is_dicom_target(out, args.format)
     deid = None
@@ -78,7 +85,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         check_burned_in(volume.meta.get("dicom_header"), args.accept_burned_in, out)  # before the long run
         key = args.deidentify_key or os.environ.get("NAPARI_RESTORE_DEID_KEY") or None
         deid = Deidentifier(key=key, dates=args.deidentify_dates)
-    progress, close = _progress_bar(f"{options.task} {volume.meta.get('description', src.name)}")
+    progress, close = (None, lambda: None) if args.no_progress else \
+        _progress_bar(f"{options.task} {volume.meta.get('description', src.name)}")
     try:
         result = restore(volume, options=options, progress=progress)
     finally:
@@ -113,8 +121,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         volumes = load(args.input)
         for i, v in enumerate(volumes):
             print(f"#{i}: {_describe(v)}")
-            for w in v.meta.get("warnings", []):
+            for w in dict.fromkeys(v.meta.get("warnings", [])):
                 print(f"     warning: {w}")
+                args.shown_warnings.add(w)  # main() does not print them again
         return EXIT_OK
     import torch
 
@@ -215,6 +224,42 @@ def cmd_export_bundle(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help says it already.
+
+    Like ``argparse.ArgumentDefaultsHelpFormatter``, but flags (``store_true``) are left alone,
+    a tuple default reads ``128,128`` and ``None`` reads ``none``.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction,
+                                   argparse._AppendConstAction, argparse._CountAction, argparse._HelpAction,
+                                   argparse._VersionAction))
+        if flag or not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        d = action.default
+        shown = ("none" if d is None or d == [] else ",".join(map(str, d)) if isinstance(d, (list, tuple)) else str(d))
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+def _finish(parser: argparse.ArgumentParser) -> None:
+    """Every (sub-)parser gets :class:`HelpFormatter`, and a description (its help line) when it has none."""
+    parser.formatter_class = HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                if not sub.description and helps.get(name):
+                    sub.description = helps[name][0].upper() + helps[name][1:] + "."
+                _finish(sub)
+
+
+def _modality(text: str) -> str:
+    """``--modality``: CT or MR in any case."""
+    return str(text).upper()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="napari-restore", description="Restore CT and MR volumes (denoise, deblur, "
                                 "sharpen) with residual U-Nets; read and write DICOM series, NIfTI, MHA/NRRD.")
@@ -232,15 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_restore_options(r)
     r.add_argument("--format", choices=("dicom", "nifti", "mha", "nrrd"), default=None,
                    help="force the output format (default: from OUTPUT's suffix; no suffix = DICOM folder)")
-    r.add_argument("--series-description", default=None, help="SeriesDescription of an exported DICOM series")
-    r.add_argument("--modality", default=None, choices=("CT", "MR", "ct", "mr"),
-                   help="CT or MR: the input's modality when the file does not say (NIfTI/MHA), which picks the "
-                        "model and is written into a DICOM export")
+    r.add_argument("--series-description", default=None, help="SeriesDescription of an exported DICOM series "
+                   "(default: the source's, with the restoration steps)")
+    r.add_argument("--modality", default=None, type=_modality, choices=("CT", "MR"),
+                   help="CT or MR (any case): the input's modality when the file does not say (NIfTI/MHA/NRRD; CT is "
+                        "recognised from Hounsfield values with air in them), which picks the model and is written "
+                        "into a DICOM export (default: from the file)")
     r.add_argument("--resample-uniform", action="store_true",
                    help="unevenly spaced slices: interpolate onto a uniform grid at the smallest step (linear along "
                         "the slice normal, recorded in the provenance); without it NIfTI/MHA/NRRD output of such a "
                         "series is refused, while a DICOM series keeps every slice's own position")
     r.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (never done otherwise)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (the result line is still "
+                   "printed)")
     r.add_argument("--deidentify", action="store_true",
                    help="DICOM output: apply the DICOM PS3.15 Annex E basic confidentiality profile (new UIDs, "
                         "no names/IDs/dates, no private tags); NIfTI/MHA/NRRD outputs carry no patient attributes")
@@ -260,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "when the server has a DIMSE endpoint)")
     r.set_defaults(func=cmd_restore)
 
-    i = sub.add_parser("info", help="version, compute device and installed models; or the series in INPUT")
+    i = sub.add_parser("info", help="version, compute device and installed models; or the series in INPUT",
+                       description="Without INPUT: the version, the compute device 'auto' picks and the installed "
+                                   "models. With INPUT: every series in it (index for --series, shape, spacing, "
+                                   "gantry tilt) and the reader's notes on it, each once.")
     i.add_argument("input", nargs="?", help="list the series in this file or folder (index, shape, spacing)")
     i.set_defaults(func=cmd_info)
 
@@ -279,15 +331,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_arguments(e)
     e.set_defaults(func=cmd_evaluate)
 
-    x = sub.add_parser("export-bundle", help="write an installed model or model folder as a MONAI bundle")
-    x.add_argument("model", help="an installed model's name or a model folder")
-    x.add_argument("out", help="the bundle folder to write")
-    x.add_argument("--overwrite", action="store_true")
+    x = sub.add_parser("export-bundle", help="write an installed model or model folder as a MONAI bundle",
+                       description="Write MODEL as a MONAI bundle folder that MONAI's own runner executes: "
+                                   "python -m monai.bundle run --config_file OUT/configs/inference.json --dataset_dir IN "
+                                   "--output_dir RESTORED (needs only MONAI and this package). The bundle also loads "
+                                   "as a model here (--model OUT).")
+    x.add_argument("model", help="an installed model's name (napari-restore info) or a model folder")
+    x.add_argument("out", help="the bundle folder to write (atomically)")
+    x.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (never done otherwise)")
     x.set_defaults(func=cmd_export_bundle)
 
-    d = sub.add_parser("demo", help="restore the bundled sample CT phantom; write NIfTI, DICOM and a before/after PNG")
+    d = sub.add_parser("demo", help="restore the bundled sample CT phantom; write NIfTI, DICOM and a before/after PNG",
+                       description="Generate the sample CT phantom, denoise it with the model restore() picks (or the "
+                                   "classical enhance task when none is installed) and write the input and result as "
+                                   "NIfTI, the result as a DICOM series and a before/after PNG (with the [figures] "
+                                   "extra) into --out, replacing earlier demo files.")
     d.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
-    d.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    d.add_argument("--device", default="auto", help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N, mps")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("batch", help="restore every image series of a tree of studies (resumable, shardable)",
@@ -330,21 +390,43 @@ def build_parser() -> argparse.ArgumentParser:
     from .pacs.cli import add_pacs_parser
 
     add_pacs_parser(sub)
+    _finish(p)
     return p
 
 
-def _print_warnings(caught: list) -> None:
-    """Reader and restore notes (uneven spacing, duplicates, tilt, skipped files...), each once, on stderr."""
+def _print_warnings(caught: list, shown: set[str] | None = None) -> None:
+    """Reader and restore notes (uneven spacing, duplicates, tilt, skipped files...), each once, on stderr.
+
+    ``shown``: notes a command printed already (``info`` prints them under their series); a caught
+    warning that is one of them, with or without the ``path: `` the reader puts before it, is skipped.
+    """
     seen: set[str] = set()
+    shown = shown or set()
     for w in caught:
-        if issubclass(w.category, (UserWarning, RuntimeWarning)) and str(w.message) not in seen:
-            seen.add(str(w.message))
-            print(f"warning: {w.message}", file=sys.stderr)
+        text = str(w.message)
+        if not issubclass(w.category, (UserWarning, RuntimeWarning)) or text in seen:
+            continue
+        seen.add(text)
+        if any(text == s or text.endswith(": " + s) for s in shown):
+            continue
+        print(f"warning: {text}", file=sys.stderr)
+
+
+#: Library wording -> command-line wording in error messages.
+_CLI_WORDING = (("pass overwrite=True (--overwrite)", "pass --overwrite"),)
+
+
+def _cli_message(exc: BaseException) -> str:
+    text = str(exc)
+    for lib, cli in _CLI_WORDING:
+        text = text.replace(lib, cli)
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.shown_warnings = set()
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
@@ -352,13 +434,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 code = int(args.func(args) or EXIT_OK)
             finally:
-                _print_warnings(caught)
+                _print_warnings(caught, args.shown_warnings)
         return code
     except (Cancelled, KeyboardInterrupt):
         print("cancelled: nothing was written", file=sys.stderr)
         return EXIT_CANCELLED
     except RestoreError as exc:
-        print(f"napari-restore: error: {exc}", file=sys.stderr)
+        print(f"napari-restore: error: {_cli_message(exc)}", file=sys.stderr)
         return EXIT_ERROR
 
 

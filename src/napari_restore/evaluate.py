@@ -432,11 +432,11 @@ def add_evaluate_arguments(ap) -> None:
     ap.add_argument("--methods", default="input,nlm,bm3d,model,rl",
                     help="comma-separated: input, model, nlm (tuned h), bm3d (if installed; true sigma), rl "
                          "(Richardson-Lucy, true PSF, blur only)")
-    ap.add_argument("--model", default=None, help="model name, folder or MONAI bundle (for the 'model' method)")
+    ap.add_argument("--model", default=None, help="model name, folder or MONAI bundle for the 'model' method (default: the best installed one)")
     ap.add_argument("--slices", type=int, default=4, help="slices per volume")
     ap.add_argument("--crop", type=int, default=256, help="in-plane centre crop (0 = whole slices)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the degradations")
+    ap.add_argument("--device", default="cpu", help="compute device of the model: auto, cpu, cuda, cuda:N, mps")
     ap.add_argument("--ensemble", type=int, choices=ENSEMBLE_SIZES, default=None,
                     help="the model's self-ensemble of in-plane flips/rotations (default: its card's)")
     ap.add_argument("--whole-volume", action="store_true",

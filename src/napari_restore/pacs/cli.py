@@ -122,14 +122,17 @@ def add_pacs_parser(sub) -> None:
     ps = p.add_subparsers(dest="pacs_command", required=True, metavar="PACS_COMMAND")
     via = {"choices": ("dimse", "web"), "default": None, "help": "protocol (default: DIMSE when configured)"}
 
-    a = ps.add_parser("add", help="add (or --replace) a server")
-    a.add_argument("name")
+    a = ps.add_parser("add", help="add (or --replace) a server",
+                      description="Add a PACS to pacs.json: a DIMSE endpoint (--ae-title, --host, --port), a DICOMweb "
+                                  "root (--url), or both. Credentials are never stored: name the environment "
+                                  "variables that hold them, or use the system keyring.")
+    a.add_argument("name", help="a short name for the server, used by the other pacs commands and pacs://NAME/...")
     a.add_argument("--ae-title", help="the PACS's AE title (DIMSE)")
     a.add_argument("--host", help="the PACS's host (DIMSE)")
     a.add_argument("--port", type=int, help="the PACS's DICOM port (DIMSE)")
     a.add_argument("--url", help="DICOMweb root, e.g. https://pacs.example.org/dicom-web")
     a.add_argument("--our-ae-title", default="NAPARI_RESTORE", help="our AE title (default NAPARI_RESTORE)")
-    a.add_argument("--retrieve", choices=("get", "move", "wado"), default="get", help="default retrieve method")
+    a.add_argument("--retrieve", choices=("get", "move", "wado"), default="get", help="how `pacs get` and pacs:// retrieve by default: C-GET, C-MOVE or WADO-RS")
     a.add_argument("--store-port", type=int, help="port of our C-STORE SCP for C-MOVE (the PACS must know it)")
     a.add_argument("--store-host", default="127.0.0.1", help="address our C-MOVE SCP binds to (default loopback)")
     a.add_argument("--allow-peer", action="append", help="AE title allowed to send to our SCP (repeatable; "
@@ -146,30 +149,30 @@ def add_pacs_parser(sub) -> None:
 
     ps.add_parser("list", help="the configured servers (never credentials)").set_defaults(func=cmd_list)
     r = ps.add_parser("remove", help="forget a server")
-    r.add_argument("name")
+    r.add_argument("name", help="the server's name, as given to `napari-restore pacs add`")
     r.set_defaults(func=cmd_remove)
 
     e = ps.add_parser("echo", help="C-ECHO (or a DICOMweb query) to check a server")
-    e.add_argument("name")
+    e.add_argument("name", help="the server's name, as given to `napari-restore pacs add`")
     e.add_argument("--via", **via)
     e.set_defaults(func=cmd_echo)
 
     f = ps.add_parser("find", help="a table of studies or series matching a query")
-    f.add_argument("name")
+    f.add_argument("name", help="the server's name, as given to `napari-restore pacs add`")
     f.add_argument("--patient", help="PatientName, wildcards * and ? (e.g. 'DOE*')")
-    f.add_argument("--patient-id")
+    f.add_argument("--patient-id", help="PatientID (exact)")
     f.add_argument("--modality", help="CT, MR, ...")
     f.add_argument("--date", help="StudyDate YYYYMMDD or range YYYYMMDD-YYYYMMDD")
     f.add_argument("--description", help="text in the series (study) description")
     f.add_argument("--study", help="a StudyInstanceUID")
-    f.add_argument("--accession")
-    f.add_argument("--level", choices=("study", "series"), default="series")
-    f.add_argument("--limit", type=int, default=200)
+    f.add_argument("--accession", help="AccessionNumber (exact)")
+    f.add_argument("--level", choices=("study", "series"), default="series", help="list studies or series")
+    f.add_argument("--limit", type=int, default=200, help="at most this many rows")
     f.add_argument("--via", **via)
     f.set_defaults(func=cmd_find)
 
     g = ps.add_parser("get", help="retrieve a series (or a study) into a folder; resumable")
-    g.add_argument("name")
+    g.add_argument("name", help="the server's name, as given to `napari-restore pacs add`")
     g.add_argument("out", help="folder for <SOPInstanceUID>.dcm files (what is there is not fetched again)")
     g.add_argument("--study", required=True, help="StudyInstanceUID")
     g.add_argument("--series", help="SeriesInstanceUID (default: every series of the study, one folder each)")
@@ -178,7 +181,7 @@ def add_pacs_parser(sub) -> None:
     g.set_defaults(func=cmd_get)
 
     s = ps.add_parser("send", help="store the DICOM files of a folder (C-STORE or STOW-RS)")
-    s.add_argument("name")
+    s.add_argument("name", help="the server's name, as given to `napari-restore pacs add`")
     s.add_argument("source", help="a folder (searched recursively) or a DICOM file")
     s.add_argument("--via", choices=("store", "stow"), default=None, help="default: C-STORE when configured")
     s.set_defaults(func=cmd_send)

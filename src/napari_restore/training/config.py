@@ -303,75 +303,114 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     d = TrainConfig(data=[], output="")
     p = parser
     p.add_argument("data", nargs="+", help="training scans: folders/files (DICOM, NIfTI, MHA/NRRD)")
-    p.add_argument("-o", "--output", required=True, help="model folder to write (card.json + model.pt)")
-    p.add_argument("--mode", choices=MODES, default=d.mode)
-    p.add_argument("--task", choices=TRAIN_TASKS, default=d.task)
-    p.add_argument("--modality", choices=("auto", *IMAGE_MODALITIES), default=d.modality)
-    p.add_argument("--low-data", nargs="+", default=[], help="paired mode: low-dose scans")
+    p.add_argument("-o", "--output", required=True, help="model folder to write (card.json + model.pt); required")
+    p.add_argument("--mode", choices=MODES, default=d.mode,
+                   help="supervised: clean scans + simulated degradations; paired: low-dose/full-dose pairs (--low-data); self-supervised: noisy scans only")
+    p.add_argument("--task", choices=TRAIN_TASKS, default=d.task,
+                   help="what the model learns: denoise or deblur (deblur: supervised only)")
+    p.add_argument("--modality", choices=("auto", *IMAGE_MODALITIES), default=d.modality,
+                   help="CT, MR or auto (from the data: DICOM headers, HU range of NIfTI)")
+    p.add_argument("--low-data", nargs="+", default=[], help="paired mode: the low-dose scans, matched to DATA by position (default: none)")
     p.add_argument("--val-data", nargs="+", default=[], help="validation scans (default: split by patient)")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--cache-dir", default=None, help="cache decoded volumes as .npy here")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="share of the series held out for validation when --val-data is not given (split by series, never within one)")
+    p.add_argument("--cache-dir", default=None, help="cache decoded volumes as .npy here (default: in memory only)")
     p.add_argument("--run-dir", default=None, help="checkpoints and logs (default <output>.run)")
-    p.add_argument("--dims", type=int, choices=(2, 3), default=d.dims)
-    p.add_argument("--channels", type=_ints, default=None, help="U-Net channels, e.g. 16,32,64,128")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=d.dims,
+                   help="2: slice by slice (2-D network), 3: 3-D patches (3-D network)")
+    p.add_argument("--channels", type=_ints, default=None, help="U-Net channels per level, e.g. 16,32,64,128 (default: 16,32,64,128 for 2-D, or the init model's)")
     p.add_argument("--res-units", type=int, default=None,
                    help="residual units per U-Net level (default 0: one plain convolution)")
     p.add_argument("--context", type=int, default=None,
                    help="2-D: neighbouring slices on each side as extra input channels (2.5-D; default 0)")
     p.add_argument("--intensity-scale", type=float, default=None, help="CT: HU per network unit (default 512)")
-    p.add_argument("--init-model", default=None, help="fine-tune from an installed model name or a model/bundle folder")
-    p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue from")
-    p.add_argument("--dose-range", type=_floats2, default=d.dose_range)
-    p.add_argument("--rician-range", type=_floats2, default=d.rician_range)
-    p.add_argument("--fwhm-range", type=_floats2, default=d.fwhm_range)
-    p.add_argument("--blur-noise", type=float, default=d.blur_noise)
-    p.add_argument("--ct-noise-method", choices=("image", "projection"), default=d.ct_noise_method)
+    p.add_argument("--init-model", default=None, help="fine-tune from an installed model name or a model/bundle folder (default: train from scratch)")
+    p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue from (default: a new run)")
+    p.add_argument("--dose-range", type=_floats2, default=d.dose_range,
+                   help="supervised CT: dose fraction LOW,HIGH of the simulated low-dose noise, drawn per sample")
+    p.add_argument("--rician-range", type=_floats2, default=d.rician_range,
+                   help="supervised MR: Rician noise SD LOW,HIGH as a fraction of the tissue signal")
+    p.add_argument("--fwhm-range", type=_floats2, default=d.fwhm_range,
+                   help="deblur: Gaussian blur FWHM LOW,HIGH in voxels")
+    p.add_argument("--blur-noise", type=float, default=d.blur_noise,
+                   help="deblur: SD of white noise added after the blur, in normalised units")
+    p.add_argument("--ct-noise-method", choices=("image", "projection"), default=d.ct_noise_method,
+                   help="CT noise simulation: image (fast image-domain FBP noise) or projection (~100x slower per sample)")
     p.add_argument("--ct-noise-hu", type=_floats2, default=None,
-                   help="CT: draw the added noise's median SD in the body (HU) from LOW,HIGH instead of a dose")
+                   help="CT: draw the added noise's median SD in the body (HU) from LOW,HIGH instead of a dose (default: by --dose-range)")
     p.add_argument("--ct-filters", type=lambda t: tuple(v for v in t.replace(" ", ",").split(",") if v),
                    default=d.ct_filters,
                    help="CT: FBP filters of the simulated noise, e.g. ramp,shepp-logan,cosine,hamming,hann "
                         "(several: two drawn and blended per sample)")
     p.add_argument("--ct-pixel-range", type=_floats2, default=None,
-                   help="CT: resample patches to an in-plane pixel size (mm) drawn from LOW,HIGH")
+                   help="CT: resample patches to an in-plane pixel size (mm) drawn from LOW,HIGH (default: the native pixel size)")
     p.add_argument("--log-draw", action="store_true", help="draw the dose / noise level log-uniformly")
     p.add_argument("--clean-fraction", type=float, default=d.clean_fraction,
                    help="share of training samples left undegraded (learn to leave clean input alone)")
-    p.add_argument("--self-supervised", choices=SELF_SUPERVISED, default=d.self_supervised)
-    p.add_argument("--n2n-gamma", type=float, default=d.n2n_gamma)
-    p.add_argument("--pd-factor", type=int, default=d.pd_factor)
-    p.add_argument("--blind-spot", type=int, default=d.blind_spot)
-    p.add_argument("--n2v-spacing", type=int, default=d.n2v_spacing)
-    p.add_argument("--patch-size", type=_ints, default=None)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
-    p.add_argument("--loss", choices=LOSSES, default=d.loss)
-    p.add_argument("--ssim-weight", type=float, default=d.ssim_weight)
-    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--self-supervised", choices=SELF_SUPERVISED, default=d.self_supervised,
+                   help="self-supervised method: n2n (Neighbor2Neighbor) or n2v (Noise2Void)")
+    p.add_argument("--n2n-gamma", type=float, default=d.n2n_gamma,
+                   help="weight of the Neighbor2Neighbor regulariser")
+    p.add_argument("--pd-factor", type=int, default=d.pd_factor,
+                   help="pixel-shuffle downsampling before the N2N sub-sampler against correlated noise; 1 = off (default: 2 for CT, 1 for MR)")
+    p.add_argument("--blind-spot", type=int, default=d.blind_spot,
+                   help="N2V blind-spot box side in pixels (1: classic; 3 or 5 for correlated CT noise)")
+    p.add_argument("--n2v-spacing", type=int, default=d.n2v_spacing,
+                   help="grid spacing of the N2V masked pixels (default: max(6, 4.5 x blind spot))")
+    p.add_argument("--patch-size", type=_ints, default=None,
+                   help="training patch size, e.g. 128,128 (2-D) or 64,64,64 (3-D) (default: 128,128 for 2-D, 32,96,96 for 3-D)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="patches per optimisation step")
+    p.add_argument("--epochs", type=int, default=d.epochs,
+                   help="most epochs (early stopping or --max-minutes may end the run sooner)")
+    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch,
+                   help="optimisation steps per epoch (then a validation)")
+    p.add_argument("--lr", type=float, default=d.lr,
+                   help="peak learning rate (AdamW)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay")
+    p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
+                   help="learning-rate schedule")
+    p.add_argument("--loss", choices=LOSSES, default=d.loss,
+                   help="training loss (plus --ssim-weight x SSIM loss)")
+    p.add_argument("--ssim-weight", type=float, default=d.ssim_weight,
+                   help="weight of MONAI's SSIM loss added to the L1/MSE loss (0 = none)")
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="early stopping: end after this many epochs without a better validation loss (0 = off)")
     p.add_argument("--max-minutes", type=float, default=d.max_minutes,
                    help="stop after the epoch that ends past this many minutes; a cosine schedule "
                         "then spans this time (0 = no limit)")
-    p.add_argument("--val-slices", type=int, default=d.val_slices)
-    p.add_argument("--val-crop", type=int, default=d.val_crop)
-    p.add_argument("--no-augment", dest="augment", action="store_false")
-    p.add_argument("--jitter", type=float, default=d.jitter)
+    p.add_argument("--val-slices", type=int, default=d.val_slices,
+                   help="validation slices (2-D) or patches (3-D) per volume, at most")
+    p.add_argument("--val-crop", type=int, default=d.val_crop,
+                   help="in-plane crop side of validation slices in pixels (0 = whole slices)")
+    p.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no flips/rotations of the training patches (augmentation is on by default)")
+    p.add_argument("--jitter", type=float, default=d.jitter,
+                   help="relative intensity jitter applied to input and target alike")
     p.add_argument("--reslice", action="store_true",
                    help="2-D: also train on slices across the other two axes of series with near-isotropic voxels "
                         "(more views of few scans; MR and deblurring, not CT denoising)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--num-workers", type=int, default=d.num_workers)
-    p.add_argument("--name", default=None)
-    p.add_argument("--version", dest="model_version", default=d.version)
-    p.add_argument("--description", default=d.description)
-    p.add_argument("--license", default=d.license)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
-    p.add_argument("--no-progress", dest="progress_bar", action="store_false")
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="random seed (data split, sampling, degradations, initialisation)")
+    p.add_argument("--device", default=d.device,
+                   help="auto (CUDA, then Apple MPS, then CPU), cpu, cuda, cuda:N or mps; under torchrun one GPU per rank")
+    p.add_argument("--num-workers", type=int, default=d.num_workers,
+                   help="DataLoader worker processes (0: in the main process)")
+    p.add_argument("--name", default=None,
+                   help="the model's name in its card (default: the output folder's name)")
+    p.add_argument("--version", dest="model_version", default=d.version,
+                   help="the model's version in its card")
+    p.add_argument("--description", default=d.description,
+                   help="one-paragraph description written into the card")
+    p.add_argument("--license", default=d.license,
+                   help="licence statement written into the card (e.g. 'BSD-3-Clause (weights)'), default: none")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output model folder if it exists")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false",
+                   help="no TensorBoard logs (log.csv only); without the [train] extra TensorBoard is skipped anyway")
+    p.add_argument("--no-progress", dest="progress_bar", action="store_false",
+                   help="no progress bar")
     return p
 
 
