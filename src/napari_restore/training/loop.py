@@ -491,49 +491,51 @@ class _Run:
         if info.is_main:
             from ..models import save_model
 
-            save_model(net, self._card(), cfg.output, overwrite=cfg.overwrite or bool(cfg.resume))
+            save_model(net, _model_card(self), cfg.output, overwrite=cfg.overwrite or bool(cfg.resume))
         barrier(info)
         return TrainResult(Path(cfg.output), run_dir, self.history, self.best, self.base, self.epoch, self.step,
                            stopped_early, time.perf_counter() - self.t0, net, info.world_size)
 
-    def _card(self) -> dict[str, Any]:
-        cfg = self.cfg
-        metrics: dict[str, Any] = {"epochs": self.epoch, "steps": self.step}
-        for k in ("val_loss", "val_psnr", "val_ssim"):
-            if self.best.get(k) is not None:
-                metrics[k] = float(f"{float(self.best[k]):.6g}")
-            if self.base.get(k) is not None:
-                metrics[k + "_input"] = float(f"{float(self.base[k]):.6g}")
-            if self.init_val.get(k) is not None:
-                metrics[k + "_init"] = float(f"{float(self.init_val[k]):.6g}")
-        if metrics.get("val_psnr") is not None and metrics.get("val_psnr_input") is not None:
-            metrics["psnr_gain_db"] = round(metrics["val_psnr"] - metrics["val_psnr_input"], 3)
-        if self.modality == "CT" and "val_psnr" in metrics:
-            metrics["metric_convention"] = "CT PSNR/SSIM on HU windowed W400/L50 to [0, 1]"
-        elif "val_psnr" in metrics:
-            metrics["metric_convention"] = "MR PSNR/SSIM in network units (1st..99th percentile -> 0..1), data range 1"
-        sources = list(cfg.data_description) or sorted({s.source for s in self.train_series})
-        val_sources = [] if cfg.data_description else sorted({s.source for s in self.val_series})
-        # data written to a temporary folder (the widget): the card names the description, not the files
-        hidden = {"command"} | ({"data", "val_data", "low_data", "output", "run_dir", "cache_dir"}
-                                if cfg.data_description else set())
-        what = {"supervised": f"supervised on synthetic {self.degradation.kind if self.degradation else ''} degradations",
-                "paired": "paired low-dose / full-dose scans",
-                "self-supervised": f"self-supervised ({cfg.self_supervised})"}[cfg.mode]
-        return {
-            "name": cfg.name, "version": cfg.version, "task": cfg.task, "modality": self.modality, "dims": cfg.dims,
-            "architecture": self.arch, "intensity": self.spec,
-            "patch_size": list(cfg.patch_size) if cfg.dims == 3 else None,
-            # a fine-tuned context model keeps the slice spacing its init model is limited to
-            "max_slice_spacing_mm": self.init_spacing_limit if self.context else None,
-            "training_data": sources, "metrics": metrics,
-            "description": cfg.description or f"{cfg.task} model for {self.modality}, trained {what}.",
-            "license": cfg.license, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "training": {"mode": cfg.mode, "command": cfg.command, "validation_data": val_sources,
-                         "init_model": self.init_name,
-                         "config": {k: v for k, v in cfg.to_dict().items() if k not in hidden},
-                         "history": self.history, "stopped_early": self.epoch < cfg.epochs},
-        }
+
+def _model_card(run: _Run) -> dict[str, Any]:
+    """The trained model's card: metrics against the input and the initial model, what it was trained on."""
+    cfg = run.cfg
+    metrics: dict[str, Any] = {"epochs": run.epoch, "steps": run.step}
+    for k in ("val_loss", "val_psnr", "val_ssim"):
+        if run.best.get(k) is not None:
+            metrics[k] = float(f"{float(run.best[k]):.6g}")
+        if run.base.get(k) is not None:
+            metrics[k + "_input"] = float(f"{float(run.base[k]):.6g}")
+        if run.init_val.get(k) is not None:
+            metrics[k + "_init"] = float(f"{float(run.init_val[k]):.6g}")
+    if metrics.get("val_psnr") is not None and metrics.get("val_psnr_input") is not None:
+        metrics["psnr_gain_db"] = round(metrics["val_psnr"] - metrics["val_psnr_input"], 3)
+    if run.modality == "CT" and "val_psnr" in metrics:
+        metrics["metric_convention"] = "CT PSNR/SSIM on HU windowed W400/L50 to [0, 1]"
+    elif "val_psnr" in metrics:
+        metrics["metric_convention"] = "MR PSNR/SSIM in network units (1st..99th percentile -> 0..1), data range 1"
+    sources = list(cfg.data_description) or sorted({s.source for s in run.train_series})
+    val_sources = [] if cfg.data_description else sorted({s.source for s in run.val_series})
+    # data written to a temporary folder (the widget): the card names the description, not the files
+    hidden = {"command"} | ({"data", "val_data", "low_data", "output", "run_dir", "cache_dir"}
+                            if cfg.data_description else set())
+    what = {"supervised": f"supervised on synthetic {run.degradation.kind if run.degradation else ''} degradations",
+            "paired": "paired low-dose / full-dose scans",
+            "self-supervised": f"self-supervised ({cfg.self_supervised})"}[cfg.mode]
+    return {
+        "name": cfg.name, "version": cfg.version, "task": cfg.task, "modality": run.modality, "dims": cfg.dims,
+        "architecture": run.arch, "intensity": run.spec,
+        "patch_size": list(cfg.patch_size) if cfg.dims == 3 else None,
+        # a fine-tuned context model keeps the slice spacing its init model is limited to
+        "max_slice_spacing_mm": run.init_spacing_limit if run.context else None,
+        "training_data": sources, "metrics": metrics,
+        "description": cfg.description or f"{cfg.task} model for {run.modality}, trained {what}.",
+        "license": cfg.license, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "training": {"mode": cfg.mode, "command": cfg.command, "validation_data": val_sources,
+                     "init_model": run.init_name,
+                     "config": {k: v for k, v in cfg.to_dict().items() if k not in hidden},
+                     "history": run.history, "stopped_early": run.epoch < cfg.epochs},
+    }
 
 
 __all__ = ["train", "read_checkpoint", "CHECKPOINT_FORMAT"]
