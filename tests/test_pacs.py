@@ -285,3 +285,26 @@ def test_cli_pacs_commands(server, orthanc, shared_data, tmp_path, capsys):
     assert "28 of 28 instances stored" in capsys.readouterr().out
     assert main(["pacs", "send", "cli", str(tmp_path / "restored")]) == 0  # again: Orthanc keeps one copy
     assert main(["pacs", "echo", "nope"]) == 1
+
+
+def test_cli_batch_from_pacs_and_send_to(server, orthanc, shared_data, tmp_path, capsys):
+    from napari_restore.cli import main
+
+    study, series = _uids(shared_data / CT_DIR)
+    out = tmp_path / "batch_out"
+    argv = ["batch", f"pacs://test/{study}/{series}", str(out), "--device", "cpu", "--pool", "thread",
+            "--readers", "1", "--writers", "1", "--no-progress", "--send-to", "test"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "28 instances" in text and "sent to test: 28 of 28 instances stored" in text
+    written = sorted(out.rglob("*.dcm"))
+    assert len(written) == 28
+    ds = pydicom.dcmread(written[0], stop_before_pixels=True)
+    assert ds.StudyInstanceUID == study and ds.ReferencedSeriesSequence[0].SeriesInstanceUID == series
+    info = orthanc.series_of(str(ds.SeriesInstanceUID))
+    assert info is not None and len(info["Instances"]) == 28
+    assert main(argv) == 0  # resumed: nothing retrieved, nothing restored, nothing sent again
+    text = capsys.readouterr().out
+    assert "28 already there" in text and "nothing sent" in text
+    assert main(argv[:-2] + ["--format", "nifti", "--send-to", "test"]) != 0
+    assert "--send-to needs DICOM output" in capsys.readouterr().err

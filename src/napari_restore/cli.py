@@ -181,12 +181,23 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
     warnings.simplefilter("ignore", UserWarning)  # reader notes go to the manifest's warnings column
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # a corrupt file's message goes to the manifest
-    result = run_batch(args.input_root, args.output_root, options_from_args(args), format=args.format,
+    if args.send_to and args.format == "nifti":
+        raise InputError("--send-to needs DICOM output (--format auto or dicom)", args.output_root)
+    input_root = args.input_root
+    if str(input_root).startswith("pacs://"):  # retrieve into the cache first (resumable), then as a folder
+        from .pacs.cli import fetch_with_bar
+
+        input_root = fetch_with_bar(input_root, progress=not args.no_progress)
+    result = run_batch(input_root, args.output_root, options_from_args(args), format=args.format,
                        deidentify=args.deidentify,
                        deidentify_key=args.deidentify_key, deidentify_dates=args.deidentify_dates,
                        accept_burned_in=args.accept_burned_in, retry_failed=args.retry_failed, dry_run=args.dry_run,
                        shard=args.shard, readers=args.readers, writers=args.writers, prefetch=args.prefetch,
                        pool=args.pool, max_voxels=args.max_voxels, progress=False if args.no_progress else "auto")
+    if args.send_to and not args.dry_run:
+        from .pacs.cli import send_written
+
+        return max(result.exit_code, send_written(args.send_to, [o.output for o in result.done_now], via=args.send_via))
     return result.exit_code
 
 
@@ -357,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tree, with OUTPUT_ROOT/manifest.csv (one row per series). Rerunning the same "
                                    "command skips what is done. Exit code 0 when every series is done, 1 otherwise. "
                                    "Under torchrun each rank takes its share; --shard i/n does the same for job arrays.")
-    b.add_argument("input_root", help="the input tree (never modified)")
+    b.add_argument("input_root", help="the input tree (never modified), or pacs://SERVER/STUDY_UID[/SERIES_UID] "
+                   "(retrieved into the PACS cache first, resumable)")
     b.add_argument("output_root", help="the output tree; manifest.csv is written here")
     add_restore_options(b, help={
         "model": "an installed model's name or a model folder/.pt/.json path, loaded once",
@@ -385,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-voxels", type=int, default=None, help="record series larger than this as failed "
                    "('too large') instead of reading them")
     b.add_argument("--no-progress", action="store_true", help="no progress bar (one line per series is still printed)")
+    b.add_argument("--send-to", default=None, metavar="SERVER", help="store each derived DICOM series written by this "
+                   "run on this configured PACS (with --deidentify: the de-identified series)")
+    b.add_argument("--send-via", choices=("store", "stow"), default=None, help="C-STORE or STOW-RS (default: C-STORE "
+                   "when the server has a DIMSE endpoint)")
     b.set_defaults(func=cmd_batch)
 
     from .pacs.cli import add_pacs_parser

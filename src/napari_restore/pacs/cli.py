@@ -112,6 +112,39 @@ def send_derived(name: str, folder, via: str | None = None) -> int:
     return 0
 
 
+def fetch_with_bar(source: str, progress: bool = True) -> Path:
+    """``restore``/``batch pacs://...``: retrieve into the cache (resumable) with a progress bar; the folder."""
+    from . import fetch_source
+
+    bar, close = _bar("retrieve") if progress else (None, lambda: None)
+    try:
+        got = fetch_source(source, progress=bar)
+    finally:
+        close()
+    print(f"{source}: {got.expected} instances in {got.folder} ({got.fetched} retrieved, {got.skipped} already there)")
+    return got.folder
+
+
+def send_written(name: str, outputs, via: str | None = None) -> int:
+    """``batch --send-to NAME``: store each written derived DICOM series (a folder of .dcm files); the
+    exit code (1 when a series could not be stored whole)."""
+    from ..errors import PacsError
+    from .workflow import dicom_series_folders
+
+    folders = [f for out in outputs if Path(out).is_dir() for f in dicom_series_folders(out)]
+    if not folders:
+        print(f"--send-to {name}: no DICOM series was written by this run; nothing sent")
+        return 0
+    code = 0
+    for folder in folders:
+        try:
+            send_derived(name, folder, via=via)
+        except PacsError as exc:  # one series refused: say so, send the others
+            print(f"not sent: {folder}: {exc}", file=sys.stderr)
+            code = 1
+    return code
+
+
 def add_pacs_parser(sub) -> None:
     """Register ``pacs`` and its sub-commands on the main parser's subparsers."""
     p = sub.add_parser("pacs", help="configure PACS servers; query, retrieve and send series (DIMSE, DICOMweb)",
