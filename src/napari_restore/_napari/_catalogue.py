@@ -113,7 +113,7 @@ class ModelCatalogue:
         if key != AUTO_MODEL:
             chosen = [cards.get(key)]
         elif task == "restore":
-            from ..inference import PIPELINE
+            from ..constants import PIPELINE
             from ..models import find_model
 
             m = modality if modality in ("CT", "MR") else "any"

@@ -522,7 +522,3 @@ class RestoreTab(QWidget):
             return f"Preview of {plane_note}: {prov.get('model')} in {secs * 1000:.0f} ms"
 
         return self.jobs.start("Preview", work, on_result=done, on_cancelled=lambda: "Preview cancelled.")
-
-    def cancel(self) -> None:
-        """Ask the running restoration to stop (within one batch)."""
-        self.jobs.cancel()
