@@ -70,9 +70,6 @@ OR TORT (INCLUDING NEGLIGENCE OR OTHERWISE) ARISING IN ANY WAY OUT OF THE USE
 OF THIS SOFTWARE, EVEN IF ADVISED OF THE POSSIBILITY OF SUCH DAMAGE.
 """
 
-#: Licence texts of the public data the shipped models were trained on (file stem = the name a card's
-#: ``training_data`` line carries); copied into a bundle's ``docs/data_licenses.md``.
-DATA_LICENSES = Path(__file__).with_name("data_licenses")
 
 
 def _intensity_text(spec: dict[str, Any]) -> str:
@@ -195,9 +192,11 @@ def _data_licenses(card) -> str:
              f"`{card.name}` {card.version} was trained on the data below (as its model card says). The licence of "
              "each public source follows in full; keep these attributions wherever the weights go.", ""]
     parts += [f"- {line}" for line in lines if line] + [""]
-    texts = sorted(p for p in DATA_LICENSES.glob("*.txt") if any(p.stem in str(line) for line in lines))
-    for path in texts:
-        parts += [f"## {path.stem}", "", "```text", path.read_text(encoding="utf-8").rstrip(), "```", ""]
+    from .data_licenses import licence_text, sources_named
+
+    texts = sources_named([str(line) for line in lines])
+    for src in texts:
+        parts += [f"## {src.name} ({src.spdx})", "", src.url, "", "```text", licence_text(src), "```", ""]
     if not texts:
         parts += ["No public source this package knows of is named: the licences of your own training data apply.", ""]
     return "\n".join(parts)
