@@ -70,6 +70,7 @@ def test_query_retrieve_send_through_the_dock(make_napari_viewer, qtbot, configu
     assert panel.table.rowCount() == 1 and "1 series in 1 study" in panel.jobs.status_label.text()
     cells = [panel.table.item(0, j).text() for j in range(panel.table.columnCount())]
     assert "STD BRAIN 5MM" in cells and "CT" in cells and "28" in cells
+    assert cells[0] and "\\" not in cells[0]  # a person's name, not its characters joined by backslashes
     _search(panel, qtbot, modality="MR")
     assert panel.table.rowCount() == 0 and panel.jobs.last_error == ""
     _search(panel, qtbot, modality="CT")

@@ -169,6 +169,11 @@ def c_find(server, level: str, keys: dict[str, Any], limit: int = 1000) -> list[
 def _value(v) -> Any:
     if v is None:
         return None
+    from pydicom.valuerep import PersonName
+
+    if isinstance(v, PersonName):  # iterable (by character): "H\\E\\A\\D" otherwise
+        s = str(v)
+        return s if s else None
     if hasattr(v, "__iter__") and not isinstance(v, (str, bytes)):
         return "\\".join(str(x) for x in v)
     s = str(v)
