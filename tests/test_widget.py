@@ -319,7 +319,7 @@ def test_save_nifti_keeps_geometry_never_overwrites_and_dicom_needs_a_dicom_sour
     assert "does not come from a DICOM series" in w.last_error and not (tmp_path / "dicom").exists()
 
 
-def test_settings_are_remembered_in_the_redirected_config_dir(make_napari_viewer, tmp_path):
+def test_settings_are_remembered_in_the_redirected_config_dir(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer()
     w = _widget(viewer)
     w.restore_tab.task_combo.setCurrentIndex(w.restore_tab.task_combo.findData("enhance"))
@@ -327,7 +327,8 @@ def test_settings_are_remembered_in_the_redirected_config_dir(make_napari_viewer
     w.restore_tab.tile_spin.setValue(256)
     w.restore_tab.ensemble_combo.setCurrentIndex(w.restore_tab.ensemble_combo.findData(8))
     path = settings_path()
-    assert path.parent == tmp_path / "config" and path.is_file()
+    _wait(qtbot, lambda: path.is_file() and '"ensemble": 8' in path.read_text(), timeout=5000)  # written once, soon
+    assert path.parent == tmp_path / "config"
     saved = json.loads(path.read_text())["restore"]
     assert saved["task"] == "enhance" and saved["strength"] == pytest.approx(0.65) and saved["tile"] == 256
     w2 = _widget(make_napari_viewer())  # a new viewer: a new widget reads the settings

@@ -29,7 +29,8 @@ def model_label(card: Any) -> str:
 class ModelCatalogue:
     """Installed models plus the ones loaded by path (``extra_models``: folders / files / bundles).
 
-    ``extra_models`` is the list the restore state persists; the catalogue reads it, never owns it.
+    ``extra_models`` starts as the list the restore state persists; :meth:`add_path` appends to it
+    and the Restore tab writes the new list back to the state.
     """
 
     def __init__(self, extra_models: list[str] | None = None) -> None:
@@ -41,12 +42,18 @@ class ModelCatalogue:
         """Every installed card, then the loaded ones (an unreadable extra path is skipped)."""
         from .. import list_models
         from ..models import read_card
+        from ..models.bundle import is_bundle, read_bundle_card
 
         cards = list(list_models())
         for p in list(self.extra_models):
             try:
-                cards.append(self.bundles[p].card if p in self.bundles else read_card(p, source="loaded"))
-            except RestoreError:
+                if p in self.bundles:
+                    cards.append(self.bundles[p].card)
+                elif is_bundle(p):  # a MONAI bundle loaded in an earlier session: its card, weights later
+                    cards.append(read_bundle_card(p))
+                else:
+                    cards.append(read_card(p, source="loaded"))
+            except (RestoreError, TypeError):  # moved, deleted or not a path: skipped
                 continue
         return cards
 
@@ -54,7 +61,7 @@ class ModelCatalogue:
         """What the state stores for ``card``: an installed model's name, else its path."""
         if card.path is not None:
             for p in self.extra_models:
-                if str(card.path).startswith(str(Path(p))):
+                if Path(card.path) == Path(p) or Path(card.path).is_relative_to(p):
                     return p
         if card.source in ("loaded", "") and card.path is not None:
             return str(card.path.parent if card.path.name == "model.pt" else card.path)
@@ -76,11 +83,11 @@ class ModelCatalogue:
         """
         from ..models import read_card
 
+        from ..models.bundle import is_bundle, load_bundle
+
         path = Path(path)
         key = str(path)
-        if path.is_dir() and not (path / "card.json").is_file() and (path / "configs").is_dir():
-            from ..training import load_bundle
-
+        if is_bundle(path):
             loaded = load_bundle(path)
             self.bundles[key] = loaded
             card = loaded.card
@@ -94,7 +101,7 @@ class ModelCatalogue:
         """The ``model=`` argument of :func:`napari_restore.restore` for a stored key."""
         if key == AUTO_MODEL:
             return None
-        return self.bundles.get(key, key)
+        return self.bundles.get(key, key)  # a bundle of an earlier session: its path (load_model reads bundles)
 
     # ------------------------------------------------------------------ auto
     @staticmethod
@@ -106,6 +113,22 @@ class ModelCatalogue:
 
         return find_model(task, modality if modality in ("CT", "MR") else "any", 3 if mode == "3d" else 2,
                           slice_distance)
+
+    def auto_note(self, task: str, modality: str, mode: str, slice_distance: float | None,
+                  n_models: int) -> tuple[str, str, bool]:
+        """What the model card box says for "Auto": ``(html, one-line title, open the box)``."""
+        from ._common import card_html, card_title
+
+        if n_models == 0 and task == "enhance":
+            return ("No trained enhance model installed: a classical noise-aware unsharp mask is used.",
+                    "Classical unsharp mask", False)
+        if n_models == 0:
+            return (f"<b>No trained {task} model for {modality} is installed.</b> Train one in the Fine-tune tab, "
+                    "or Load model...", "No model installed", True)
+        best = self.auto_card(task, modality, mode, slice_distance)
+        if best is None:
+            return f"The best of {n_models} installed model(s) for the task, modality and mode.", "Auto", False
+        return "Auto picks " + card_html(best), "Auto: " + card_title(best), False
 
     def context_slices(self, key: str, task: str, modality: str, slice_distance: float | None,
                        cards: dict[str, Any]) -> int:
@@ -135,6 +158,6 @@ class ModelCatalogue:
         other = [c for c in cards if known and c.modality not in (modality, "any")] if every_modality else []
         out = []
         for c in same + other:
-            key = c.name if c.source in ("bundled", "user") else str(c.path.parent)
+            key = self.key_of(c)
             out.append(ModelChoice(key, f"{c.name} v{c.version}" + (f" ({c.modality})" if c in other else ""), c))
         return out

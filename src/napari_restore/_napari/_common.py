@@ -75,14 +75,14 @@ class Section(QWidget):
 
 def fill_combo(combo: QComboBox, items: list[str], target: str | None = None) -> None:
     """Replace ``combo``'s items without emitting signals; select ``target``, else keep the current
-    text, else the last item."""
+    text, else the first item."""
     current = combo.currentText()
     combo.blockSignals(True)
     try:
         combo.clear()
         combo.addItems(items)
         if target not in items:
-            target = current if current in items else (items[-1] if items else "")
+            target = current if current in items else (items[0] if items else "")
         combo.setCurrentText(target or "")
     finally:
         combo.blockSignals(False)

@@ -35,9 +35,11 @@ def dicom_export_problem(layer: Any) -> str:
     if rec is None:
         return f"layer {layer.name!r} does not come from a DICOM series (it has no source file): save it as NIfTI."
     if (rec.get("meta") or {}).get("dicom_header") is None:
-        return (f"layer {layer.name!r} does not come from a DICOM series (its source is a "
-                f"{Path(str((rec.get('meta') or {}).get('source_path') or 'file')).suffix or 'non-DICOM'} file): "
-                "save it as NIfTI.")
+        src = str((rec.get("meta") or {}).get("source_path") or "").lower()
+        kind = next((k for ext, k in ((".nii", "NIfTI"), (".nii.gz", "NIfTI"), (".mha", "MetaImage"),
+                                      (".mhd", "MetaImage"), (".nrrd", "NRRD"), (".nhdr", "NRRD")) if src.endswith(ext)),
+                    "non-DICOM")
+        return f"layer {layer.name!r} does not come from a DICOM series (its source is a {kind} file): save it as NIfTI."
     return ""
 
 
@@ -92,6 +94,7 @@ class ExportTab(QWidget):
         self.nifti_button.clicked.connect(self._ask_save_nifti)
         row.addWidget(self.dicom_button)
         row.addWidget(self.nifti_button)
+        row.addWidget(self.jobs.cancel_button)
         lay.addLayout(row)
         self.dicom_note = hint()
         lay.addWidget(self.dicom_note)

@@ -21,8 +21,8 @@ class JobPanel(QWidget):
     """Progress, ETA, status and Cancel for one kind of job at a time.
 
     Signals: ``running_changed(bool)``; ``error(str)`` (the message, also in the status line).
-    ``cancel_button`` is added to ``button_row`` by the tab when it wants it beside its own
-    buttons; otherwise it sits at the panel's right.
+    With ``with_cancel=False`` the tab places ``cancel_button`` beside its own buttons; otherwise
+    it sits at the right of the progress bar.
     """
 
     running_changed = Signal(bool)
@@ -104,7 +104,11 @@ class JobPanel(QWidget):
         def done(value: Any) -> None:
             job = self.job
             self._bar("Done · " + format_eta(job.elapsed() if job is not None else 0), 1)
-            text = on_result(value)  # may set its own bar text (a preview shows its time)
+            try:
+                text = on_result(value)  # may set its own bar text (a preview shows its time)
+            except Exception as exc:  # showing the result failed: say so, never into Qt's event loop
+                failed(exc)
+                return
             if text:
                 self.set_status(text)
 

@@ -135,6 +135,7 @@ class RestoreTab(QWidget):
         self.last_output: Any = None
         self.last_preview: Any = None
         self.warmer = ModelWarmer()
+        self._mode_by_user = False
         self.jobs = JobPanel(with_cancel=False)
         self.jobs.running_changed.connect(self._on_running)
         self._build()
@@ -179,6 +180,7 @@ class RestoreTab(QWidget):
         for b, m in ((self.mode_2d, "2d"), (self.mode_3d, "3d")):
             self.mode_group.addButton(b)
             b.toggled.connect(lambda on, m=m: on and setattr(self.state, "mode", m))
+            b.clicked.connect(lambda _c=False: setattr(self, "_mode_by_user", True))  # kept until the layer changes
             mode_row.addWidget(b)
         mode_row.addStretch()
         form.addRow("Mode", mode_row)
@@ -213,8 +215,8 @@ class RestoreTab(QWidget):
         lay.addWidget(self.advanced)
         btns = QHBoxLayout()
         self.preview_button = QPushButton("Preview slice")
-        self.preview_button.setToolTip("Restore only the slice on screen (well under a second on a CPU "
-                                       "once the model is loaded, which starts when the model is chosen).")
+        self.preview_button.setToolTip("Restore only the slice on screen (well under a second on a CPU once the "
+                                       "model has run once, which it does in the background when chosen).")
         self.preview_button.clicked.connect(lambda: self.run_preview())
         self.run_button = primary(QPushButton("Restore volume"))
         self.run_button.clicked.connect(lambda: self.run_restore())
@@ -232,7 +234,9 @@ class RestoreTab(QWidget):
         s = self.state
         self.task_combo.setCurrentIndex(max(0, TASKS.index(s.task) if s.task in TASKS else 0))
         i = self.device_combo.findData(s.device)
-        self.device_combo.setCurrentIndex(i if i >= 0 else 0)
+        self.device_combo.setCurrentIndex(max(i, 0))
+        if i < 0:  # a remembered device this machine lacks (cuda:1 on a laptop): the state follows the view
+            s.device = self.device_combo.currentData()
         self.strength_slider.setValue(int(round(s.strength * 100)))
         self.advanced.sync_from_state()
         self.refresh_models()
@@ -251,6 +255,10 @@ class RestoreTab(QWidget):
             self.warm_up()
         elif name == "mode":
             (self.mode_3d if s.mode == "3d" else self.mode_2d).setChecked(True)
+            if s.model == AUTO_MODEL:  # Auto picks per mode: say which, and warm that one
+                self._show_card(*self.catalogue.auto_note(s.task, self.modality(), s.mode, self._volume_facts()[0],
+                                                          len(self.cards)))
+                self.warm_up()
         elif name == "strength":
             self.strength_slider.setValue(int(round(s.strength * 100)))
 
@@ -286,7 +294,11 @@ class RestoreTab(QWidget):
             self.jobs.set_status("Ready")
             self.jobs.progress_bar.setFormat("")
             self.jobs.progress_bar.setValue(0)
-        self._on_layer_chosen(self.layer_combo.currentText())
+        name = self.layer_combo.currentText()
+        if (name or None) != self.state.layer:  # the same input keeps the modality and mode the user set
+            self._on_layer_chosen(name)
+        else:
+            self.update_buttons()
 
     def on_active_layer(self, active: Any) -> None:
         if active is not None and self.layer_combo.findText(active.name) >= 0 and not self.jobs.running \
@@ -302,6 +314,7 @@ class RestoreTab(QWidget):
 
     def _on_layer_chosen(self, name: str) -> None:
         layer = layer_named(self.viewer, name)
+        self._mode_by_user = False
         self.state.layer = name or None
         if layer is None:
             self.layer_info.setText(NO_LAYER)
@@ -365,21 +378,10 @@ class RestoreTab(QWidget):
         self.mode_2d.setEnabled(True)
         self.mode_3d.setEnabled(True)
         distance, spacing = self._volume_facts()
-        if spacing is not None:
-            has3d = any(c.dims == 3 for c in self.cards.values())
-            self._set_mode(*suggest_mode(spacing, has3d))
-        n = len(self.cards)
-        if self.state.task == "enhance" and n == 0:
-            self._show_card("No trained enhance model installed: a classical noise-aware unsharp mask is used.",
-                            "Classical unsharp mask")
-        elif n == 0:
-            self._show_card(f"<b>No trained {self.state.task} model for {self.modality()} is installed.</b> "
-                            "Train one in the Fine-tune tab, or Load model...", "No model installed", expand=True)
-        else:
-            best = self.catalogue.auto_card(self.state.task, self.modality(), self.state.mode, distance)
-            self._show_card(("Auto picks " + card_html(best)) if best is not None else
-                            f"The best of {n} installed model(s) for the task, modality and mode.",
-                            "Auto: " + card_title(best) if best is not None else "Auto")
+        if spacing is not None and not self._mode_by_user:
+            self._set_mode(*suggest_mode(spacing, any(c.dims == 3 for c in self.cards.values())))
+        self._show_card(*self.catalogue.auto_note(self.state.task, self.modality(), self.state.mode, distance,
+                                                  len(self.cards)))
         self.model_combo.setToolTip("")
         self.warm_up()
 

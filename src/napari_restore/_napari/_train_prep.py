@@ -49,12 +49,14 @@ def _split_z(vol: Volume, fraction: float = 0.2) -> tuple[Volume, Volume]:
     return parts[0], parts[1]
 
 
-def prepare_training(req: TrainRequest, tmp: Path, **overrides: Any) -> Any:
+def prepare_training(req: TrainRequest, tmp: Path, dry_run: bool = False, **overrides: Any) -> Any:
     """Write the request's data under ``tmp`` and return the ``TrainConfig``.
 
     One scan (not paired) of at least 5 slices: its last fifth validates (a separate file).
     The card names the layers (or the folder) as its training data, never the temporary files.
-    ``overrides`` are ``TrainConfig`` fields (tests use them to make a run tiny).
+    ``overrides`` are ``TrainConfig`` fields (tests use them to make a run tiny). ``dry_run``: check
+    the request and the settings and build the config without writing any file (the GUI thread does
+    this; the worker then writes the data).
 
     Raises:
         InputError: no data, a missing folder, a paired run without a separate low-dose layer,
@@ -84,17 +86,20 @@ def prepare_training(req: TrainRequest, tmp: Path, **overrides: Any) -> Any:
                 train_part, val_part = _split_z(vol)
                 for part, lst in ((train_part, data), (val_part, val)):
                     p = tmp / f"{'data' if lst is data else 'val'}{n:02d}.nii.gz"
-                    save(part, p)
+                    if not dry_run:
+                        save(part, p)
                     lst.append(str(p))
                 continue
             p = tmp / f"data{n:02d}.nii.gz"
-            save(vol, p)
+            if not dry_run:
+                save(vol, p)
             data.append(str(p))
     if req.mode == "paired":
         if req.low is None or any(req.low[0] == name for name, _ in req.layers):
             raise InputError("paired mode: choose a low-dose layer that is not ticked as training data")
         p = tmp / "low00.nii.gz"
-        save(req.low[1], p)
+        if not dry_run:
+            save(req.low[1], p)
         low = [str(p)]
         described.append(f"napari layer {req.low[0]!r} (low dose)")
     name = req.name.strip() or "my-finetuned-model"

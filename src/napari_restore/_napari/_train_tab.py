@@ -17,6 +17,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBo
                             QListWidget, QListWidgetItem, QMessageBox, QPushButton, QRadioButton, QSpinBox,
                             QVBoxLayout, QWidget)
 
+from ..constants import TRAIN_TASKS
 from ..errors import OutputError, RestoreError
 from . import _layers as L
 from ._catalogue import AUTO_MODEL, ModelCatalogue
@@ -50,6 +51,7 @@ class TrainTab(QWidget):
         super().__init__()
         self.viewer, self.state, self.catalogue, self.events = viewer, state, catalogue, events
         self.train_result: Any = None
+        self.closing = False
         self._tmp: Path | None = None
         self._log: Path | None = None
         self.jobs = JobPanel(unit="steps", with_cancel=False)
@@ -92,7 +94,7 @@ class TrainTab(QWidget):
         self.low_combo.setToolTip("Paired mode: the low-dose scan of the same patient (the checked layers are the full-dose side).")
         form.addRow("Low-dose layer", self.low_combo)
         self.train_task = QComboBox()
-        for t in ("denoise", "deblur"):
+        for t in TRAIN_TASKS:
             self.train_task.addItem(TASK_LABELS[t], t)
         self.train_task.currentIndexChanged.connect(
             lambda _i: (setattr(self.state, "task", self.train_task.currentData()), self.refresh_models()))
@@ -150,6 +152,8 @@ class TrainTab(QWidget):
         if not running:
             self._timer.stop()
             self.poll_log()
+            if self.closing:
+                self.drop_tmp()
         self.state.running = running
         self.update_buttons()
 
@@ -253,18 +257,22 @@ class TrainTab(QWidget):
         self.drop_tmp()
         self.train_result = None
         try:
-            self._tmp = Path(tempfile.mkdtemp(prefix="napari-restore-train-"))
-            config = prepare_training(self.request(), self._tmp, **overrides)
+            request = self.request()
+            self._tmp = tmp = Path(tempfile.mkdtemp(prefix="napari-restore-train-"))
+            # the settings are checked here; the layers are written in the worker (big volumes take a while)
+            prepare_training(request, tmp, dry_run=True, **overrides)
         except RestoreError as exc:
             self.jobs.show_error(exc, "Failed: ")
             return None
-        self._log = (Path(config.run_dir) if config.run_dir else config.run_path) / "log.csv"
+        self._log = None
         self.state.train_loss, self.state.val_loss = [], []
         self.curve.set_data([], [])
 
         def work(progress, cancel):
             from ..training import train
 
+            config = prepare_training(request, tmp, **overrides)
+            self._log = (Path(config.run_dir) if config.run_dir else config.run_path) / "log.csv"
             return train(config, progress=progress, cancel=cancel)
 
         def done(result):

@@ -1,6 +1,7 @@
 """The Restore tab's Advanced section (batch size, tiles, passes) and the model warm-up that
-makes the first Preview fast: the chosen model is loaded and run once on a small crop of the
-input in the background when the widget opens or the model, layer or device changes.
+makes the first Preview fast: the chosen model runs once on a small crop of the input in the
+background when the widget opens or the model, layer, mode or device changes (imports, the first
+read of the weights and the first forward pass are paid there; no model is kept in memory).
 """
 from __future__ import annotations
 
@@ -71,16 +72,21 @@ def warm_up_crop(volume: Volume, mode: str, side: int = 64) -> Volume | None:
 
 class ModelWarmer:
     """Runs :func:`napari_restore.restore` once per (layer, model, task, mode, device) on a small
-    crop in a worker; one at a time. ``job`` is the running warm-up (None when idle)."""
+    crop in a worker, one at a time; a request made while one runs waits (only the latest).
+    ``job`` is the running warm-up (None when idle)."""
 
     def __init__(self) -> None:
         self.job: Job | None = None
         self.warmed: set[tuple] = set()
+        self._pending: tuple | None = None
 
     def warm(self, layer_name: str, volume: Volume, kwargs: dict[str, Any]) -> Job | None:
         key = (layer_name, repr(kwargs["model"]), kwargs["task"], kwargs["mode"], str(kwargs["device"]),
                volume.modality)
-        if key in self.warmed or self.job is not None:
+        if key in self.warmed:
+            return self.job
+        if self.job is not None:
+            self._pending = (layer_name, volume, kwargs)
             return self.job
         small = warm_up_crop(volume, kwargs["mode"])
         if small is None:
@@ -95,6 +101,9 @@ class ModelWarmer:
 
         def ended():
             self.job = None
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                self.warm(*pending)
 
         self.job = start_job("warm-up", work, on_result=lambda _v: None, on_error=lambda _e: None, on_end=ended)
         return self.job

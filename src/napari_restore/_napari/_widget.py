@@ -2,7 +2,7 @@
 around one shared, Qt-free state (:mod:`._state`) and one model catalogue (:mod:`._catalogue`).
 
 Each tab is its own module and talks to the others only through :class:`._state.WidgetEvents`;
-every background job runs through a :class:`._jobs.JobPanel` (progress, ETA, status, Cancel,
+every job a person waits for runs through a :class:`._jobs.JobPanel` (progress, ETA, status, Cancel,
 errors in the tab's status line and as a notification). Qt comes through ``qtpy`` only.
 """
 from __future__ import annotations
@@ -86,6 +86,8 @@ class RestoreWidget(QWidget):
         ev.models_changed.connect(self.restore_tab.refresh_models)
         ev.models_changed.connect(self.train_tab.refresh_models)
         ev.model_saved.connect(self._select_saved_model)
+        self._save_timer = QTimer(self, singleShot=True, interval=300)
+        self._save_timer.timeout.connect(lambda: save_settings(self._states))
         self._roi_timer = QTimer(self, singleShot=True, interval=120)
         self._roi_timer.timeout.connect(self.compare_tab.update_roi_stats)
         self.compare_tab.roi_requested.connect(self._schedule_roi)
@@ -96,6 +98,7 @@ class RestoreWidget(QWidget):
         layers.selection.events.active.connect(lambda _e=None: self.restore_tab.on_active_layer(
             self.viewer.layers.selection.active))
         self.viewer.dims.events.current_step.connect(self._schedule_roi)
+        self.state.events.connect(lambda info: self.restore_tab.on_state_changed(info.signal.name))
         for st in self._states.values():
             st.events.connect(self._on_state_changed)
 
@@ -138,16 +141,20 @@ class RestoreWidget(QWidget):
             self.restore_tab.model_combo.setCurrentIndex(i)
 
     def _on_state_changed(self, info: Any = None) -> None:
-        name = getattr(getattr(info, "signal", None), "name", "")
-        self.restore_tab.on_state_changed(name)
-        if name not in _TRANSIENT:
-            save_settings(self._states)
+        """A remembered choice changed: write the settings file soon (one write per burst of edits)."""
+        if getattr(getattr(info, "signal", None), "name", "") not in _TRANSIENT:
+            self._save_timer.start()
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt name
         save_settings(self._states)
+        self.train_tab.closing = True  # a running fine-tune deletes its temporary copies when it stops
         for tab in (self.restore_tab, self.export_tab, self.train_tab):
             tab.jobs.cancel()
         self.train_tab.drop_tmp()
+        layers = self.viewer.layers
+        for e in (layers.events.inserted, layers.events.removed, layers.events.reordered):
+            e.disconnect(self.refresh_layers)
+        self.viewer.dims.events.current_step.disconnect(self._schedule_roi)
         super().closeEvent(event)
 
 

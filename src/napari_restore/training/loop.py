@@ -531,7 +531,9 @@ def _model_card(run: _Run) -> dict[str, Any]:
         "training_data": sources, "metrics": metrics,
         "description": cfg.description or f"{cfg.task} model for {run.modality}, trained {what}.",
         "license": cfg.license, "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "training": {"mode": cfg.mode, "command": cfg.command, "validation_data": val_sources,
+        # data written to a temporary folder (the widget): not the host program's own argv either
+        "training": {"mode": cfg.mode, "command": None if cfg.data_description else cfg.command,
+                     "validation_data": val_sources,
                      "init_model": run.init_name,
                      "config": {k: v for k, v in cfg.to_dict().items() if k not in hidden},
                      "history": run.history, "stopped_early": run.epoch < cfg.epochs},
