@@ -73,8 +73,10 @@ def test_sigkill_during_series_export_and_checkpoint_save(shared_data, tmp_path)
     nz = vol.array.shape[0]
     net = build_network("ResidualUNet", {**TINY_ARGS, "channels": [16, 32, 64], "strides": [2, 2]})
     card = tiny_card(args={**TINY_ARGS, "channels": [16, 32, 64], "strides": [2, 2]})
-    t_series = _measure(lambda: save(vol, tmp_path / "timing_series", format="dicom"))
-    t_model = _measure(lambda: save_model(net, card, tmp_path / "timing_model"))
+    # the second of two timings: the first pays one-time imports, and a kill drawn from that longer span
+    # would often come after the (forked, already warm) writer has finished
+    t_series = min(_measure(lambda k=k: save(vol, tmp_path / f"timing_series{k}", format="dicom")) for k in range(2))
+    t_model = min(_measure(lambda k=k: save_model(net, card, tmp_path / f"timing_model{k}")) for k in range(2))
     outcomes = []
     for i in range(22):
         kind = "series" if i % 2 == 0 else "model"

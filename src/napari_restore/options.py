@@ -235,8 +235,8 @@ class RestoreOptions:
             return None
         ndim = 2 if self.mode == "2d" else 3
         parts = (v,) * ndim if _is_int(v) else tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else ()
-        if len(parts) == 1 or (len(parts) in (2, 3) and len(set(parts)) == 1):  # one edge (also after a replace)
-            parts = parts[:1] * ndim
+        if len(parts) == 1:
+            parts = parts * ndim
         if len(parts) != ndim or not all(_is_int(p) and int(p) >= 1 for p in parts):
             raise InputError(f"tile must be a positive int or {ndim} positive ints in {self.mode} mode, got {v!r}")
         return tuple(int(p) for p in parts)
@@ -254,6 +254,8 @@ class RestoreOptions:
         unknown = set(changes) - set(OPTION_NAMES)
         if unknown:
             raise TypeError(f"unknown restore option(s) {sorted(unknown)}; the options are {OPTION_NAMES}")
+        if "mode" in changes and "tile" not in changes and self.tile is not None and len(set(self.tile)) == 1:
+            changes["tile"] = self.tile[0]  # one edge for every axis stays that, in the new mode's axes
         return dataclasses.replace(self, **changes)
 
     @classmethod
