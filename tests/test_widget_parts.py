@@ -276,3 +276,15 @@ def test_a_fine_tuned_model_names_its_layers_and_is_auto_only_when_it_beats_its_
     assert m["val_psnr"] < m["val_psnr_init"] and not read_card(dest).auto_eligible()
     assert find_model("denoise", "CT", 2, 3.0).name != "parts-finetuned"
     assert w.restore_tab.model_combo.findData("parts-finetuned") > 0  # listed all the same
+
+
+def test_remembered_options_out_of_range_fall_back_to_their_defaults(tmp_path):
+    from napari_restore._napari._state import RestoreState, load_settings
+
+    path = tmp_path / "widget.json"
+    path.write_text(json.dumps({"restore": {"strength": 5.0, "ensemble": 3, "tile": 256, "extra_models": [1, 2]}}))
+    state = RestoreState()
+    load_settings({"restore": state}, path)
+    assert state.strength == 1.0 and state.ensemble == 0  # out of range: the defaults
+    assert state.tile == 256 and state.extra_models == []  # a valid one stays; a list of non-paths is ignored
+    state.to_options()  # every run accepts what was loaded

@@ -163,7 +163,29 @@ def load_settings(states: dict[str, Any], path: Path | None = None) -> None:
                 value = float(value)
             if type(value) is not type(default):
                 continue
+            if name == "extra_models" and not all(isinstance(v, str) for v in value):
+                continue
             setattr(state, name, value)
+    restore = states.get("restore")
+    if isinstance(restore, RestoreState):
+        _keep_valid_options(restore)
+
+
+def _keep_valid_options(state: RestoreState) -> None:
+    """A remembered option out of its range (a hand-edited file, an older version) falls back to its
+    default, one option at a time, so that the widget never opens with settings no run accepts."""
+    from ..errors import InputError
+
+    defaults = RestoreState()
+    fields = ("task", "mode", "device", "strength", "batch_size", "tile", "overlap", "ensemble")
+    for _ in range(len(fields) + 1):
+        try:
+            state.to_options()
+            return
+        except InputError as exc:  # the message starts with the option's name
+            bad = [f for f in fields if str(exc).startswith(f)] or list(fields)
+            for name in bad:
+                setattr(state, name, getattr(defaults, name))
 
 
 def save_settings(states: dict[str, Any], path: Path | None = None) -> Path | None:
