@@ -19,15 +19,12 @@ from napari_restore.metrics import noise_sd_estimate
 from napari_restore.volume import LAYER_META_KEY, Volume
 
 from _engine_helpers import save_tiny, trained_tiny_network
+from _widget_helpers import CT_NIFTI, TINY
+from _widget_helpers import open_layers as _open, plugin_widget as _widget, wait as _wait
 
-from napari_restore._napari._reader import read_layers
 from napari_restore._napari._state import load_settings, RestoreState, settings_path, suggest_mode
-from napari_restore._napari._widget import RestoreWidget
 
 CT_5MM = "ct/philips-head-phantom/exam/S2010"
-CT_NIFTI = "ct/nifti/example_ct_sm.nii.gz"
-TINY = "tiny-ct-denoise"
-WAIT_MS = 60_000
 
 
 @pytest.fixture(scope="module")
@@ -43,23 +40,6 @@ def _isolated(monkeypatch, tmp_path, model_dir):
     """Settings and models in temporary folders, never the user's."""
     monkeypatch.setenv("NAPARI_RESTORE_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("NAPARI_RESTORE_MODELS", str(model_dir))
-
-
-def _open(viewer, shared_data: Path, rel: str):
-    for data, kwargs, kind in read_layers(str(shared_data / rel)):
-        viewer.add_image(data, **kwargs)
-    return viewer.layers[0]
-
-
-def _widget(viewer) -> RestoreWidget:
-    """The widget the way a user opens it (Plugins menu): napari hands it its public-only viewer proxy."""
-    _dock, w = viewer.window.add_plugin_dock_widget("napari-restore", "Restore")
-    assert isinstance(w, RestoreWidget)
-    return w
-
-
-def _wait(qtbot, cond, timeout=WAIT_MS):
-    qtbot.waitUntil(cond, timeout=timeout)
 
 
 def _world(layer, index) -> np.ndarray:

@@ -14,20 +14,16 @@ import pytest
 
 import napari_restore
 from napari_restore.models import find_model, read_card
-from napari_restore.volume import LAYER_META_KEY, Volume
 
 from _engine_helpers import save_tiny, trained_tiny_network
+from _widget_helpers import CT_NIFTI, TINY
+from _widget_helpers import open_layers as _open, plugin_widget as _widget, wait as _wait
 
 from napari_restore._napari._catalogue import ModelCatalogue
 from napari_restore._napari._plot import CurvePlot
-from napari_restore._napari._reader import read_layers
 from napari_restore._napari._train_prep import TrainRequest, prepare_training
-from napari_restore._napari._widget import RestoreWidget
 
-CT_NIFTI = "ct/nifti/example_ct_sm.nii.gz"
 MR_NIFTI = "mr/nifti/T1.nii.gz"
-TINY = "tiny-ct-denoise"
-WAIT_MS = 60_000
 
 
 @pytest.fixture(scope="module")
@@ -43,23 +39,6 @@ def model_dir(tmp_path_factory, shared_data) -> Path:
 def _isolated(monkeypatch, tmp_path, model_dir):
     monkeypatch.setenv("NAPARI_RESTORE_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("NAPARI_RESTORE_MODELS", str(model_dir))
-
-
-def _open(viewer, shared_data: Path, rel: str, modality: str | None = None):
-    for data, kwargs, _kind in read_layers(str(shared_data / rel)):
-        if modality:
-            kwargs["metadata"][LAYER_META_KEY]["modality"] = modality
-        viewer.add_image(data, **kwargs)
-    return viewer.layers[-1]
-
-
-def _widget(viewer) -> RestoreWidget:
-    _dock, w = viewer.window.add_plugin_dock_widget("napari-restore", "Restore")
-    return w
-
-
-def _wait(qtbot, cond, timeout=WAIT_MS):
-    qtbot.waitUntil(cond, timeout=timeout)
 
 
 def _drawn(shot: np.ndarray) -> bool:

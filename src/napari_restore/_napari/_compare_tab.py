@@ -159,10 +159,7 @@ class CompareTab(QWidget):
         inp, out = pair
         if on:
             self.blend_button.setChecked(False)
-            self._save_visibility()
-            keep = {inp.name, out.name}
-            for lay in self.viewer.layers:
-                lay.visible = lay.name in keep
+            self._show_only(inp, out)
             out.opacity = 1.0
             self.viewer.grid.shape = (1, 2)
             self.viewer.grid.stride = 1
@@ -185,10 +182,7 @@ class CompareTab(QWidget):
         self.blend_slider.setEnabled(on)
         if on:
             self.grid_button.setChecked(False)
-            self._save_visibility()
-            keep = {inp.name, out.name}
-            for lay in self.viewer.layers:
-                lay.visible = lay.name in keep
+            self._show_only(inp, out)
             layers = self.viewer.layers
             names = [lay.name for lay in layers]
             if names.index(out.name) < names.index(inp.name):
@@ -209,9 +203,13 @@ class CompareTab(QWidget):
         if out is not None and self.state.view == "blend":
             out.opacity = float(value)
 
-    def _save_visibility(self) -> None:
+    def _show_only(self, inp: Any, out: Any) -> None:
+        """Hide every layer but the pair (remembering what was visible, for when the view is turned off)."""
         if self._saved_visibility is None:
             self._saved_visibility = {lay.name: lay.visible for lay in self.viewer.layers}
+        keep = {inp.name, out.name}
+        for lay in self.viewer.layers:
+            lay.visible = lay.name in keep
 
     def _restore_visibility(self) -> None:
         if self._saved_visibility is None or self.grid_button.isChecked() or self.blend_button.isChecked():

@@ -96,7 +96,16 @@ WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied. See the
 License for the specific language governing permissions and limitations
 under the License."""
 
-TEMPLATES = {"BSD-2-Clause": _BSD_2, "MIT": _MIT, "Apache-2.0": _APACHE_2}
+_CLAUSE_3 = """3. Neither the name of the copyright holder nor the names of its
+   contributors may be used to endorse or promote products derived from
+   this software without specific prior written permission.
+
+"""
+_BSD_3 = _BSD_2.replace("BSD 2-Clause License", "BSD 3-Clause License").replace(
+    "THIS SOFTWARE IS PROVIDED", _CLAUSE_3 + "THIS SOFTWARE IS PROVIDED")
+
+#: Standard licence texts by SPDX id; ``{copyright}`` is the copyright line.
+TEMPLATES = {"BSD-2-Clause": _BSD_2, "BSD-3-Clause": _BSD_3, "MIT": _MIT, "Apache-2.0": _APACHE_2}
 
 
 def licence_text(source: DataSource) -> str:
