@@ -96,7 +96,7 @@ def summary(cells, key: str) -> list[str]:
         worse_s = f"{worse} / {n_sl}" + (f" (guard: {warned})" if warned and m not in BASELINES else "")
         if m not in BASELINES:
             reflim += _reference_limited_note(cells, m)
-        if m in base or not cs:
+        if m in base or not cs or not base:
             L.append(f"| {m} | {len(cs)} | | | | | | | {wgs} | {worse_s} |")
             continue
         mg = [c.scores[m]["psnr"] - max(c.scores[b]["psnr"] for b in base) for c in cs]

@@ -105,6 +105,9 @@ def main(argv=None) -> int:
                     help="folder of finished pieces of work (a rerun with the same settings reuses them)")
     ap.add_argument("--cached-only", action="store_true",
                     help="report what the cache holds and compute nothing (a partial report of a cut run)")
+    ap.add_argument("--baselines", type=lambda t: tuple(v for v in t.split(",") if v), default=None,
+                    help="comma-separated subset of input, nlm, bm3d (default: all installed); a run of a new model "
+                         "with --baselines input is merged into a full run's JSON with --replot FULL.json --merge THIS.json")
     ap.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "robustness.md")
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
@@ -119,10 +122,11 @@ def main(argv=None) -> int:
         sys.exit(f"{args.data} is missing: this benchmark reads the shared data set")
     try:
         import bm3d  # noqa: F401
-        args.baselines = ("input", "nlm", "bm3d")
+        found = ("input", "nlm", "bm3d")
     except ImportError:
-        args.baselines = ("input", "nlm")
+        found = ("input", "nlm")
         log("BM3D not installed (pip install napari-restore[benchmark]): its column is left out")
+    args.baselines = found if args.baselines is None else tuple(b for b in found if b in args.baselines)
     sections = set(args.sections.split(","))
     t_start = time.perf_counter()
     models = load_models(args.models)

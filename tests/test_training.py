@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import numpy as np
@@ -201,6 +202,66 @@ def test_context_samples_stack_mirrored_neighbours(shared_data, cache):
             assert np.abs(r[np.triu_indices(3, 1)]).max() < 0.2
     items = validation_set(series, (32, 32), 3, 48, Degradation("ct_lowdose"), context=2)
     assert all(it["input"].shape == (5, 48, 48) and it["target"].shape == (1, 48, 48) for it in items)
+
+
+def test_single_slice_samples_repeat_the_slice_and_its_noise(shared_data, cache, tmp_path):
+    """A share of 2.5-D samples reach the network as a single-slice series does: the slice, noise and all, thrice."""
+    from napari_restore.training.data import Degradation, PatchDataset
+
+    series = load_series([shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"], cache_dir=cache)
+    deg = Degradation("ct_lowdose", noise_hu_range=(30.0, 30.0))
+    ds = PatchDataset(series, (32, 32), 40, deg, augment=False, seed=5, context=1, single_slice_fraction=0.5)
+    lone = 0
+    for i in range(40):
+        x, t = ds[i]["input"].numpy(), ds[i]["target"].numpy()
+        same = np.array_equal(x[0], x[1]) and np.array_equal(x[1], x[2])
+        lone += same
+        if same:  # the noisy centre repeated; the target is its clean self
+            assert 0.02 < float((x[1] - t[0]).std()) < 0.2
+    assert 8 <= lone <= 32  # about half of 40
+    plain = PatchDataset(series, (32, 32), 10, deg, augment=False, seed=5, context=1)
+    assert not any(np.array_equal(x[0], x[1]) and np.array_equal(x[1], x[2])
+                   for x in (plain[i]["input"].numpy() for i in range(10)))  # off by default
+    with pytest.raises(InputError, match="single_slice_fraction"):
+        _cfg(tmp_path / "f", [shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"], single_slice_fraction=1.0).validate()
+    with pytest.raises(InputError, match="single_slice_fraction needs a 2.5-D"):
+        train(_cfg(tmp_path / "c0", [shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"],
+                   single_slice_fraction=0.3, cache_dir=str(cache)))
+
+
+def test_cleaner_targets_take_out_the_scans_own_noise(shared_data, cache, tmp_path):
+    """target_nlm: the network learns the scan without its own noise; the input keeps it, plus the added noise."""
+    from napari_restore.training.data import Degradation, PatchDataset, validation_set
+    from napari_restore.training.targets import denoised_targets, slice_noise_sd
+
+    full = load_series([shared_data / "ct" / "siemens-body-j2k"], cache_dir=cache)[0]
+    rec = dataclasses.replace(full, array=np.ascontiguousarray(full.array[9:12]))  # 3 middle slices
+    cleaned = denoised_targets([rec], 0.8, tmp_path / "c")[0]
+    assert cleaned.target.shape == rec.array.shape and cleaned.array is rec.array  # the input stays as it was
+    sd_raw, sd_clean = (slice_noise_sd(rec, a[1]) * rec.scale for a in (rec.array, cleaned.target))
+    assert sd_raw > 8 and sd_clean < 0.4 * sd_raw  # ~11 HU of the scanner's own noise -> ~2 HU
+    body = np.abs(rec.physical(rec.array[1])) < 200
+    assert float(np.abs(rec.physical(cleaned.target[1]) - rec.physical(rec.array[1]))[body].mean()) < 15
+    cached = denoised_targets([rec], 0.8, tmp_path / "c")[0]  # read back from the cache
+    assert len(list((tmp_path / "c").glob("target-nlm-*.npy"))) == 1
+    np.testing.assert_array_equal(cached.target, cleaned.target)
+
+    deg = Degradation("ct_lowdose", noise_hu_range=(30.0, 30.0))
+    for item in (PatchDataset([cleaned], (48, 48), 6, deg, augment=False, seed=2, context=1)[i] for i in range(6)):
+        t = item["target"].numpy()[0]
+        hits = [(z, y, x) for z, y, x in np.argwhere(np.asarray(cleaned.target) == t[0, 0])
+                if np.array_equal(cleaned.target[z, y:y + 48, x:x + 48], t)]
+        assert hits  # every target is a crop of the cleaned scan
+    val = validation_set([cleaned], (48, 48), 1, 64, deg, context=1)[0]
+    np.testing.assert_array_equal(val["target"][0], cleaned.target[1, 224:288, 224:288])
+    with pytest.raises(InputError, match="target_nlm"):
+        _cfg(tmp_path / "bad", [shared_data / "ct" / "siemens-body-j2k"], target_nlm=-1.0).validate()
+    ct = shared_data / "ct" / "nifti"
+    res = train(_cfg(tmp_path / "run", [ct / "example_ct_sm.nii.gz"], val_data=[str(ct / "cta_aorta_cropped.nii.gz")],
+                     target_nlm=0.8, epochs=1, steps_per_epoch=2, cache_dir=str(cache), ct_noise_hu=(10.0, 40.0)))
+    card = json.loads((tmp_path / "run" / "model" / "card.json").read_text())
+    assert res.steps == 2 and "without their own noise" in card["metrics"]["metric_convention"]
+    assert card["training"]["config"]["target_nlm"] == 0.8
 
 
 def test_reslice_adds_the_other_planes_of_isotropic_series(shared_data, tmp_path, cache):

@@ -59,7 +59,12 @@ class TrainConfig:
         ct_pixel_range (``(low, high)`` mm: resample each CT patch to an in-plane pixel size drawn
         from this range before the noise is added; ``None`` = native), log_draw (draw the dose or
         noise level log-uniformly, as many mild samples as strong ones), clean_fraction (share of
-        samples given undegraded: the network learns to leave a clean image alone).
+        samples given undegraded: the network learns to leave a clean image alone),
+        single_slice_fraction (2.5-D: share of samples whose neighbours are the slice itself with
+        the same noise, as a single-slice series reaches the model), target_nlm (cleaner targets:
+        each training slice's own noise removed by non-local means with ``h`` this multiple of
+        its measured noise SD, so the network learns to remove a scan's native noise too; 0 =
+        the scans as they are; :mod:`.targets`).
     Self-supervised:
         self_supervised: ``n2n`` (Neighbor2Neighbor, default) or ``n2v`` (Noise2Void);
         n2n_gamma: weight of the N2N regulariser; pd_factor: pixel-shuffle downsampling factor
@@ -111,6 +116,8 @@ class TrainConfig:
     ct_pixel_range: tuple[float, float] | None = None
     log_draw: bool = False
     clean_fraction: float = 0.0
+    single_slice_fraction: float = 0.0
+    target_nlm: float = 0.0
     self_supervised: str = "n2n"
     n2n_gamma: float = 1.0
     pd_factor: int | None = None
@@ -213,6 +220,10 @@ class TrainConfig:
                 raise bad(f"ct_pixel_range must be 0 < low <= high (mm), got {self.ct_pixel_range}")
         if not 0.0 <= self.clean_fraction < 1.0:
             raise bad(f"clean_fraction must be in [0, 1), got {self.clean_fraction}")
+        if not 0.0 <= self.target_nlm <= 3.0:
+            raise bad(f"target_nlm (NLM h as a multiple of the noise SD; 0 = off) must be in [0, 3], got {self.target_nlm}")
+        if not 0.0 <= self.single_slice_fraction < 1.0:
+            raise bad(f"single_slice_fraction must be in [0, 1), got {self.single_slice_fraction}")
         lo, hi = (float(v) for v in self.rician_range)
         if not 0.0 <= lo <= hi:
             raise bad(f"rician_range must be 0 <= low <= high, got {self.rician_range}")
@@ -347,6 +358,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--log-draw", action="store_true", help="draw the dose / noise level log-uniformly")
     p.add_argument("--clean-fraction", type=float, default=d.clean_fraction,
                    help="share of training samples left undegraded (learn to leave clean input alone)")
+    p.add_argument("--single-slice-fraction", type=float, default=d.single_slice_fraction,
+                   help="2.5-D: share of samples whose neighbouring slices are the slice itself, noise and all "
+                        "(as a single-slice series reaches the model)")
+    p.add_argument("--target-nlm", type=float, default=d.target_nlm, metavar="H",
+                   help="supervised: learn the scans without their own noise (non-local means per slice, "
+                        "h = H x the slice's measured noise SD, e.g. 0.8; 0 = the scans as they are)")
     p.add_argument("--self-supervised", choices=SELF_SUPERVISED, default=d.self_supervised,
                    help="self-supervised method: n2n (Neighbor2Neighbor) or n2v (Noise2Void)")
     p.add_argument("--n2n-gamma", type=float, default=d.n2n_gamma,

@@ -160,6 +160,9 @@ class _Run:
             arch = {"name": "ResidualUNet", "args": build_network("ResidualUNet", args).config}
         self.arch = arch
         self.context = int(arch["args"]["context"])  # always present: built by build_network
+        if cfg.single_slice_fraction and not self.context:
+            raise InputError("single_slice_fraction needs a 2.5-D network (context > 0: --context or a 2.5-D "
+                             f"init model), got context {self.context}")
         self.init_spacing_limit = init_card.max_slice_spacing_mm if init_card is not None else None
         self.init_name = f"{init_card.name} v{init_card.version}" if init_card is not None else None
         if self.ckpt is not None:
@@ -204,6 +207,13 @@ class _Run:
                 raise InputError("reslice: no training series has near-isotropic voxels "
                                  f"(spacings {sorted({tuple(round(v, 2) for v in s.spacing) for s in self.train_series})})")
             self.train_series = self.train_series + views
+        if cfg.target_nlm:
+            from .targets import denoised_targets
+
+            if cfg.mode != "supervised":
+                raise InputError(f"target_nlm (cleaner targets) is for supervised training, not {cfg.mode}")
+            self.train_series = denoised_targets(self.train_series, cfg.target_nlm, cfg.cache_dir)
+            self.val_series = denoised_targets(self.val_series, cfg.target_nlm, cfg.cache_dir)
         if init_card is not None and init_card.modality not in ("any", self.modality):
             raise ModelError(f"init_model {init_card.name!r} is for {init_card.modality}, the data are {self.modality}",
                              init_card.path)
@@ -258,7 +268,7 @@ class _Run:
         per_rank = cfg.steps_per_epoch * cfg.batch_size
         self.dataset = PatchDataset(self.train_series, cfg.patch_size, per_rank * self.info.world_size,
                                     self.degradation, self.train_targets, cfg.augment, cfg.jitter, cfg.seed,
-                                    context=self.context)
+                                    context=self.context, single_slice_fraction=cfg.single_slice_fraction)
         self.sampler = None
         if self.info.distributed:
             self.sampler = torch.utils.data.DistributedSampler(self.dataset, self.info.world_size, self.info.rank,
@@ -514,6 +524,9 @@ def _model_card(run: _Run) -> dict[str, Any]:
         metrics["metric_convention"] = "CT PSNR/SSIM on HU windowed W400/L50 to [0, 1]"
     elif "val_psnr" in metrics:
         metrics["metric_convention"] = "MR PSNR/SSIM in network units (1st..99th percentile -> 0..1), data range 1"
+    if cfg.target_nlm and "metric_convention" in metrics:
+        metrics["metric_convention"] += (f"; against the validation scans without their own noise (non-local means, "
+                                         f"h {cfg.target_nlm:g} x each slice's noise SD)")
     sources = list(cfg.data_description) or sorted({s.source for s in run.train_series})
     val_sources = [] if cfg.data_description else sorted({s.source for s in run.val_series})
     # data written to a temporary folder (the widget): the card names the description, not the files

@@ -171,15 +171,19 @@ class PatchDataset(torch.utils.data.Dataset):
         seed: with :meth:`set_epoch`, fixes every sample.
         context: 2-D only: neighbouring slices on each side as extra input channels
             (``C = 2 * context + 1``, mirrored at the series' ends; each slice its own noise).
+        single_slice_fraction: with ``context``, the share of samples whose neighbours are the
+            slice itself with the same noise, as a single-slice series is given to a 2.5-D model.
 
     Series are drawn in proportion to their number of slices.
     """
 
     def __init__(self, series: list[SeriesData], patch_size: Sequence[int], length: int,
                  degradation: Degradation | None = None, targets: list[SeriesData] | None = None,
-                 augment: bool = True, jitter: float = 0.0, seed: int = 0, context: int = 0):
+                 augment: bool = True, jitter: float = 0.0, seed: int = 0, context: int = 0,
+                 single_slice_fraction: float = 0.0):
         self.series, self.targets = series, targets
         self.context = int(context)
+        self.single_slice_fraction = float(single_slice_fraction)
         self.patch = tuple(int(p) for p in patch_size)
         self.length, self.degradation = int(length), degradation
         self.do_augment, self.jitter, self.seed = augment, float(jitter), int(seed)
@@ -216,7 +220,10 @@ class PatchDataset(torch.utils.data.Dataset):
             span = src if zoom != 1.0 else (ph, pw)
             y0, x0 = int(rng.integers(max(ny - span[0], 0) + 1)), int(rng.integers(max(nx - span[1], 0) + 1))
             starts = (y0, x0) if zoom != 1.0 else (y0 - m, x0 - m)
-            planes, which = np.unique(mirror_indices(z0 - self.context, 2 * self.context + 1, nz), return_inverse=True)
+            if self.context and self.single_slice_fraction > 0 and rng.uniform() < self.single_slice_fraction:
+                planes, which = np.array([z0]), np.zeros(2 * self.context + 1, dtype=np.intp)
+            else:
+                planes, which = np.unique(mirror_indices(z0 - self.context, 2 * self.context + 1, nz), return_inverse=True)
             clean = np.stack([_resize(_crop(rec.array[z], starts, src), sizes) for z in planes])
             src_shape = src if zoom != 1.0 else None
             inner = (slice(None), slice(m, m + ph), slice(m, m + pw))
@@ -237,6 +244,9 @@ class PatchDataset(torch.utils.data.Dataset):
         elif deg is not None:
             inp, _ = deg.apply(rec, clean, z0, starts, rng, zs=planes, src_shape=src_shape)
             target = clean
+            if rec.target is not None:  # the scan without its own noise
+                target = (np.stack([_resize(_crop(rec.target[z], starts, src), sizes) for z in planes])
+                          if planes is not None else _crop(rec.target, (z0, *starts), (pd_, *sizes)))
         else:  # self-supervised
             inp = target = clean
         if planes is not None:  # (C, y, x) input, centre-slice target
@@ -294,6 +304,9 @@ def validation_set(series: list[SeriesData], patch_size: Sequence[int], n_per_se
             elif degradation is not None:
                 inp, _ = degradation.apply(rec, big, z, (y0 - m, x0 - m), rng, zs=planes)
                 inp, target = inp[..., m:m + cy, m:m + cx][which], clean[centre]
+                if rec.target is not None:  # the scan without its own noise
+                    target = (_crop(rec.target, (z, y0, x0), (depth, cy, cx)) if three_d
+                              else _crop(rec.target[z], (y0, x0), (cy, cx))[None])
             else:
                 inp, target = clean[which], clean[centre]
             if three_d:

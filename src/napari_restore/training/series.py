@@ -48,6 +48,8 @@ class SeriesData:
         affine: 4x4 voxel ``(k, j, i, 1)`` -> LPS mm.
         offset, scale: the fitted intensity mapping.
         reference: MR tissue signal (foreground mean, physical units) for the Rician sigma.
+        target: optional cleaner target, ``array``'s shape and units (the scan without its own
+            noise, :mod:`.targets`); supervised samples learn it instead of ``array``.
     """
 
     key: str
@@ -60,6 +62,7 @@ class SeriesData:
     scale: float
     reference: float = 1.0
     description: str = ""
+    target: np.ndarray | None = field(default=None, repr=False)
     _ct_maps: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     @property
