@@ -55,6 +55,20 @@ def test_thick_slices_get_the_single_slice_ct_denoiser(shared_data):
     assert out.meta["provenance"][-1]["model"] == "denoise-ct"
 
 
+def test_a_single_slice_gets_the_model_trained_on_single_slices(shared_data):
+    """One slice has no neighbours to read across: the 2.5-D model, trained on slices repeated as their own
+    neighbours, reads the slice itself (it beats the single-slice model on the single-slice series of
+    docs/robustness.md)."""
+    from napari_restore.geometry import largest_step
+
+    vol = nr.load(shared_data / "fixtures/pydicom-data/693_UNCR.dcm")[0]  # one 5 mm head slice
+    assert vol.spatial_shape[0] == 1 and largest_step(vol) == 0.0
+    card = find_model("denoise", "CT", dims=2, slice_spacing_mm=largest_step(vol))
+    assert card.name == "denoise-ct-25d" and card.extra["training"]["config"]["single_slice_fraction"] > 0
+    out = nr.restore(vol, task="denoise", device="cpu")
+    assert out.meta["provenance"][-1]["model"] == "denoise-ct-25d"
+
+
 @pytest.mark.parametrize("strength", [0.0, 0.5])
 def test_strength_dials_the_correction(shared_data, strength):
     vol = nr.load(shared_data / "ct/nifti/example_ct_sm.nii.gz")[0]
@@ -130,3 +144,26 @@ def test_deblur_mr_sharpens_unseen_blurred_mr(shared_data):
     # the 2.5-D model (its card: a self-ensemble of 8 flips/rotations) is better on every slice: worst +0.60 dB
     better = gains["deblur-mr-25d"] - gains["deblur-mr"]
     assert better.min() > 0.2 and better.mean() > 1.0, better  # measured mean +1.46 dB
+
+
+def test_default_ct_model_on_a_fixed_subset_of_the_condition_matrix(shared_data):
+    """Three cells of docs/robustness.md's CT matrix, small (one slice, 128 px): a sharp kernel on the
+    Siemens body CT (a clear win over oracle NLM), a GE chest at 10 % dose (even) and the nearly
+    noise-free 0.48 mm head slice (the matrix's worst series: far behind NLM, but never below its input)."""
+    from napari_restore import robustness as R
+    from napari_restore.models import load_model
+
+    model = load_model("denoise-ct-25d", device="cpu")
+    margins, gains = {}, {}
+    for rel, cond in (("ct/siemens-body-j2k", {"filter": "ramp", "dose": 0.25, "pixel_mm": None}),
+                      ("fixtures/pylibjpeg/JPEGLS/CT1_JLSN.dcm", {"filter": "cosine", "dose": 0.10, "pixel_mm": None}),
+                      ("fixtures/pydicom-data/693_UNCR.dcm", {"filter": "hann", "dose": 0.25, "pixel_mm": None})):
+        cell = R.denoise_cell(R.load_series(shared_data, rel), cond, [model], methods=("input", "nlm"),
+                              slices=1, crop=128)
+        assert not cell.reference_limited
+        margins[rel] = cell.scores["denoise-ct-25d"]["psnr"] - cell.scores["nlm"]["psnr"]
+        gains[rel] = cell.gain("denoise-ct-25d")
+    assert min(gains.values()) > 0.1, gains  # never below the input (693: +0.17 dB)
+    siemens, ge, head = margins.values()
+    assert siemens > 1.0 and ge > -0.3, margins  # +1.42, +0.15 dB over oracle NLM
+    assert min(margins, key=margins.get).endswith("693_UNCR.dcm") and head > -8.5, margins  # -7.6 dB: a known loss

@@ -144,13 +144,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Restore the bundled sample phantom; write NIfTI, a DICOM series and a before/after PNG."""
     from . import restore, save
     from .figures import MissingExtraError, before_after_png
+    from .geometry import largest_step
     from .models import find_model
     from .sample import make_ct_phantom
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     noisy = make_ct_phantom(seed=0)
-    card = find_model("denoise", "CT", dims=2, slice_spacing_mm=noisy.slice_distance)  # what restore() picks
+    card = find_model("denoise", "CT", dims=2, slice_spacing_mm=largest_step(noisy))  # what restore() picks
     task = "denoise" if card is not None else "enhance"
     if card is None:
         print("no trained CT denoising model is installed: the demo runs the classical 'enhance' task instead",

@@ -191,10 +191,12 @@ def resampled_uniform(volume: "Volume", step_mm: float | None = None) -> "Volume
 
 
 def largest_step(volume: "Volume") -> float:
-    """The widest distance between neighbouring slices (mm): what a 2.5-D model would read across
-    (infinite for a survey of separate slices)."""
-    if volume.meta.get("separate_slices"):
-        return float("inf")
+    """The widest distance between neighbouring slices (mm): what a 2.5-D model would read across.
+
+    0 for a single slice and for a survey of separate slices: each is restored alone, so a 2.5-D
+    model reads the slice itself as its neighbours (as it was trained to, ``single_slice_fraction``)."""
+    if volume.meta.get("separate_slices") or volume.spatial_shape[0] == 1:
+        return 0.0
     if volume.spatial_shape[0] > 1 and not volume.is_uniform:
         return float(np.max(np.abs(np.diff(volume.slice_offsets))))
     return volume.slice_distance

@@ -16,6 +16,7 @@ from qtpy.QtWidgets import (QButtonGroup, QComboBox, QFileDialog, QFormLayout, Q
                             QLabel, QPushButton, QRadioButton, QSlider, QVBoxLayout, QWidget)
 
 from ..errors import InputError, RestoreError
+from ..geometry import largest_step
 from . import _layers as L
 from ._catalogue import AUTO_MODEL, ModelCatalogue
 from ._common import Section, card_html, card_title, fill_combo, hint, layer_named, notify, primary
@@ -119,7 +120,7 @@ def layer_facts(layer: Any, modality: str) -> tuple[float | None, tuple[float, f
     """``(slice distance, spacing)`` of a layer in mm (what Auto and the mode are chosen for)."""
     try:
         vol = L.layer_volume(layer, modality)
-        return vol.slice_distance, vol.spacing
+        return largest_step(vol), vol.spacing
     except RestoreError:
         sc = np.concatenate([np.ones(3), np.asarray(layer.scale, dtype=float)])[-3:]
         return (float(sc[0]) if layer.ndim >= 3 else None), tuple(sc)  # type: ignore[return-value]
@@ -494,7 +495,7 @@ class RestoreTab(QWidget):
         try:
             layer, volume = self._volume("preview")
             slab = 8 if self.state.mode == "3d" else self.catalogue.context_slices(
-                self.state.model, self.state.task, self.modality(), volume.slice_distance, self.cards)
+                self.state.model, self.state.task, self.modality(), largest_step(volume), self.cards)
             lead, sub, centre, plane_note = screen_plane(self.viewer, layer, volume, slab)
             kwargs = self.restore_kwargs()
         except RestoreError as exc:
