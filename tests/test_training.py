@@ -489,3 +489,23 @@ def test_time_budget_cosine_follows_epochs_when_time_is_ample(shared_data, tmp_p
                val_data=[str(shared_data / "ct/nifti/cta_pulmonary_cropped.nii.gz")], cache_dir=str(cache))
     lrs = [r["lr"] for r in train(cfg).history]
     assert lrs == pytest.approx([1e-3, 1e-3 * (0.01 + 0.99 * 0.5)], rel=1e-3)  # cosine at epoch 0/2 and 1/2
+
+
+def test_weight_interpolation_script_mixes_two_models(tmp_path):
+    """scripts/interpolate_weights.py (how denoise-ct-25d 0.3.0 was made): (1 - w) x start + w x tuned."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("interp", Path(__file__).resolve().parents[1] / "scripts" / "interpolate_weights.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, value in (("start", 1.0), ("tuned", 3.0)):
+        d = tmp_path / name
+        d.mkdir()
+        torch.save({"w": torch.full((2, 2), value), "n": torch.tensor(7 if name == "tuned" else 5)}, d / "model.pt")
+        (d / "card.json").write_text(json.dumps({"name": name, "version": "1.0.0", "training": {}}))
+    mod.interpolate(tmp_path / "start", tmp_path / "tuned", 0.25, tmp_path / "out")
+    mixed = torch.load(tmp_path / "out" / "model.pt", weights_only=True)
+    assert torch.equal(mixed["w"], torch.full((2, 2), 1.5)) and int(mixed["n"]) == 7
+    card = json.loads((tmp_path / "out" / "card.json").read_text())
+    assert card["name"] == "tuned" and card["training"]["weight_interpolation"]["from"] == "start 1.0.0"
