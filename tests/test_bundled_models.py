@@ -57,8 +57,9 @@ def test_thick_slices_get_the_single_slice_ct_denoiser(shared_data):
 
 def test_a_single_slice_gets_the_model_trained_on_single_slices(shared_data):
     """One slice has no neighbours to read across: the 2.5-D model, trained on slices repeated as their own
-    neighbours, reads the slice itself (it beats the single-slice model on the single-slice series of
-    docs/robustness.md)."""
+    neighbours, reads the slice itself. Over the single-slice patient series of docs/robustness.md it beats
+    the single-slice model in 51 of 84 cells (GE chest +1.56 dB mean, Philips abdomen +2.20; this head
+    slice -0.31)."""
     from napari_restore.geometry import largest_step
 
     vol = nr.load(shared_data / "fixtures/pydicom-data/693_UNCR.dcm")[0]  # one 5 mm head slice
