@@ -12,8 +12,8 @@ a target array from which its own noise is removed by non-local means (scikit-im
 Measured (issue 18, docs/models.md): it also learns what non-local means takes away with the noise,
 the contrast of small faint objects (a 3 mm, 3-14 HU disk kept 6 % of its contrast at 25 % dose
 against 38 % for the model it started from). Interpolating the fine-tune's weights with the
-starting model's (``scripts/interpolate_weights.py``, a quarter of the fine-tune) kept most of
-the low contrast and half of the native-noise removal.
+starting model's (``scripts/interpolate_weights.py``, a quarter of the fine-tune) kept more of
+the low contrast (still less than the starting model) and half of the native-noise removal.
 """
 from __future__ import annotations
 
