@@ -50,8 +50,6 @@ def validate_range(value: Any) -> dict[str, Any]:
 
 def measure(volume: Volume, max_slices: int = 5) -> dict[str, float]:
     """Pixel size, slice thickness and noise level of ``volume`` (a few middle slices)."""
-    from .metrics import noise_sd_estimate
-
     arr = volume.array if volume.array.ndim == 3 else volume.array[0]
     nz = arr.shape[0]
     idx = np.unique(np.linspace(nz * 0.25, nz * 0.75, min(max_slices, nz)).astype(int).clip(0, nz - 1))
@@ -59,24 +57,34 @@ def measure(volume: Volume, max_slices: int = 5) -> dict[str, float]:
     out: dict[str, float] = {"pixel_mm": float(min(volume.spacing[1:]))}
     thick = volume.meta.get("slice_thickness") if volume.meta else None
     out["slice_thickness_mm"] = float(thick) if thick else float(volume.slice_distance)
+    sd, mean = tissue_noise(sub, volume.modality)
+    if sd is not None and volume.modality == "CT":
+        out["noise_sd_hu"] = sd
+    elif sd is not None and mean > 0:
+        out["noise_fraction"] = sd / mean
+    return out
+
+
+def tissue_noise(image: np.ndarray, modality: str) -> tuple[float | None, float]:
+    """``(noise SD, mean)`` of soft tissue (CT: 0-100 HU) or of the MR foreground (top 30 %).
+
+    ``image``: ``(y, x)`` or ``(z, y, x)`` in physical units. The SD is ``None`` when there is too
+    little tissue to measure (CT: at most 2000 pixels)."""
     from scipy import ndimage as ndi
 
     from .errors import InputError
+    from .metrics import noise_sd_estimate
 
-    smooth = ndi.gaussian_filter(sub, (0, 2, 2))  # the tissue mask must not follow the noise
+    a = np.asarray(image, dtype=np.float32)
+    smooth = ndi.gaussian_filter(a, (0, 2, 2) if a.ndim == 3 else 2)  # the mask must not follow the noise
+    mask = (smooth > 0) & (smooth < 100) if modality == "CT" else smooth > np.percentile(smooth, 70)
+    mean = float(smooth[mask].mean()) if mask.any() else 0.0
+    if (modality == "CT" and mask.sum() <= 2000) or not mask.any():
+        return None, mean
     try:
-        if volume.modality == "CT":
-            mask = (smooth > 0) & (smooth < 100)
-            if mask.sum() > 2000:
-                out["noise_sd_hu"] = float(noise_sd_estimate(sub, mask))
-        else:
-            fg = smooth > np.percentile(smooth, 70)
-            mean = float(smooth[fg].mean()) if fg.any() else 0.0
-            if mean > 0:
-                out["noise_fraction"] = float(noise_sd_estimate(sub, fg)) / mean
-    except InputError:  # too little flat tissue to measure: no noise figure, no warning
-        pass
-    return out
+        return float(noise_sd_estimate(a, mask)), mean
+    except InputError:  # too little flat tissue to measure
+        return None, mean
 
 
 def outside_range(card: Any, measured: dict[str, float]) -> dict[str, tuple[float, float, float]]:

@@ -33,22 +33,12 @@ _VERSION = 1
 
 
 def slice_noise_sd(rec: SeriesData, plane: np.ndarray) -> float | None:
-    """The noise SD of one normalised plane in network units (CT: in soft tissue, 0-100 HU; MR: foreground).
+    """The noise SD of one normalised plane in network units, measured as the guard does
+    (:func:`napari_restore.guard.tissue_noise`); ``None`` when there is too little tissue."""
+    from ..guard import tissue_noise
 
-    ``None`` when the plane has too little flat tissue to measure."""
-    from scipy import ndimage as ndi
-
-    from ..metrics import noise_sd_estimate
-
-    phys = rec.physical(np.asarray(plane, dtype=np.float32))
-    smooth = ndi.gaussian_filter(phys, 2)
-    mask = (smooth > 0) & (smooth < 100) if rec.modality == "CT" else smooth > np.percentile(smooth, 70)
-    if mask.sum() < 2000:
-        return None
-    try:
-        return float(noise_sd_estimate(phys, mask)) / float(rec.scale)
-    except InputError:
-        return None
+    sd, _ = tissue_noise(rec.physical(np.asarray(plane, dtype=np.float32)), rec.modality)
+    return None if sd is None else sd / float(rec.scale)
 
 
 def _clean_array(rec: SeriesData, h_factor: float) -> np.ndarray:
