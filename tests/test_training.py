@@ -509,3 +509,73 @@ def test_weight_interpolation_script_mixes_two_models(tmp_path):
     assert torch.equal(mixed["w"], torch.full((2, 2), 1.5)) and int(mixed["n"]) == 7
     card = json.loads((tmp_path / "out" / "card.json").read_text())
     assert card["name"] == "tuned" and card["training"]["weight_interpolation"]["from"] == "start 1.0.0"
+
+
+def test_deblur_samples_draw_their_noise_from_the_series_range_and_their_psf_per_sample(shared_data, cache):
+    """--blur-noise-range: the noise SD is a fraction of the series' 1-99 % range (the matrix's
+    convention); --blur-anisotropy stretches the PSF's axes apart; --blur-tail widens its skirt."""
+    from scipy import ndimage as ndi
+
+    from napari_restore.training.data import Degradation, PatchDataset
+
+    spec = {"kind": "ct", "center": 0.0, "scale": 128.0, "clip": [-1024.0, 3071.0]}
+    series = load_series([shared_data / "ct/philips-head-phantom/exam/S2010"], "CT", spec, cache_dir=cache)
+    rec = series[0]
+    hu = rec.physical(np.asarray(rec.array))
+    p1, p99 = np.percentile(hu[:, ::4, ::4], [1, 99])
+    assert rec.value_range() * 128.0 == pytest.approx(p99 - p1, rel=0.05)
+
+    fwhm = 2.0
+    deg = Degradation("gaussian_blur", fwhm_range=(fwhm, fwhm), blur_noise_range=(0.02, 0.02))
+    ds = PatchDataset(series, (64, 64), 6, deg, augment=False, seed=3)
+    for i in range(len(ds)):
+        item = ds[i]
+        blurred = ndi.gaussian_filter(item["target"].numpy()[0], fwhm / 2.3548, mode="reflect", truncate=4.0)
+        noise_hu = (item["input"].numpy()[0] - blurred)[8:-8, 8:-8] * 128.0
+        assert noise_hu.std() == pytest.approx(0.02 * (p99 - p1), rel=0.15)
+
+    point = np.zeros((41, 41), np.float32)
+    point[20, 20] = 1.0
+    rng = np.random.default_rng(0)
+    widths = []
+    for _ in range(20):
+        out, params = Degradation("gaussian_blur", fwhm_range=(3.0, 3.0), blur_anisotropy=2.0).blur(rec, point, rng)
+        yy, xx = np.mgrid[-20:21, -20:21]
+        var_y, var_x = float((out * yy**2).sum() / out.sum()), float((out * xx**2).sum() / out.sum())
+        assert 0.5 - 1e-6 <= params["anisotropy"] <= 2.0 + 1e-6
+        assert np.sqrt(var_y / var_x) == pytest.approx(params["anisotropy"], rel=0.05)
+        widths.append(params["anisotropy"])
+    assert min(widths) < 0.8 and max(widths) > 1.25  # both axes get the longer side
+    round_psf, _ = Degradation("gaussian_blur", fwhm_range=(3.0, 3.0)).blur(rec, point, np.random.default_rng(1))
+    tailed, params = Degradation("gaussian_blur", fwhm_range=(3.0, 3.0), blur_tail=0.5).blur(rec, point, np.random.default_rng(1))
+    assert params["tail"] > 0 and tailed[20, 8:15].sum() > 2 * round_psf[20, 8:15].sum() and tailed.sum() == pytest.approx(1.0, abs=1e-3)
+
+    # --zoom-range: patches resampled to coarser pixels carry sharper detail per pixel
+    sharpness = {}
+    for zoom in (1.0, 0.5):
+        deg = Degradation("gaussian_blur", fwhm_range=(1.0, 1.0), zoom_range=(zoom, zoom))
+        assert deg.zoom_factor(rec, rng) == zoom
+        ds = PatchDataset(series, (64, 64), 8, deg, augment=False, seed=4)
+        sharpness[zoom] = np.mean([np.abs(np.diff(ds[i]["target"].numpy()[0], axis=-1)).mean() for i in range(len(ds))])
+    assert sharpness[0.5] > 1.5 * sharpness[1.0], sharpness
+
+
+def test_psnr_loss_weighs_every_sample_in_decibels():
+    """--loss psnr: the batch mean of each sample's 10 log10 MSE, so halving the error of a nearly
+    exact sample pays as much as halving that of a badly degraded one (L1 and MSE: far less)."""
+    from napari_restore.training.losses import PSNRLoss, SupervisedLoss
+
+    target = torch.zeros(2, 1, 16, 16)
+    pred = torch.stack([torch.full((1, 16, 16), 0.01), torch.full((1, 16, 16), 1.0)])
+    loss = SupervisedLoss("psnr")
+    expected = float(np.mean([10 * np.log10(1e-4 + 1e-6), 10 * np.log10(1.0 + 1e-6)]))
+    assert float(loss(pred, target)) == pytest.approx(expected, abs=1e-4)
+    better_mild, better_strong = pred.clone(), pred.clone()
+    better_mild[0] /= 2
+    better_strong[1] /= 2
+    gains = {name: (float(fn(pred, target) - fn(better_mild, target)), float(fn(pred, target) - fn(better_strong, target)))
+             for name, fn in (("psnr", PSNRLoss()), ("l1", SupervisedLoss("l1")), ("mse", SupervisedLoss("mse")))}
+    assert gains["psnr"][0] == pytest.approx(gains["psnr"][1], rel=0.05)  # 6 dB / 2 each (eps takes a little)
+    assert gains["l1"][0] < 0.02 * gains["l1"][1] and gains["mse"][0] < 1e-3 * gains["mse"][1]
+    with pytest.raises(InputError, match="loss"):
+        TrainConfig(data=["x"], output="y", loss="ssim").validate()

@@ -20,7 +20,7 @@ from ..errors import InputError
 MODES = ("supervised", "paired", "self-supervised")
 SELF_SUPERVISED = ("n2n", "n2v")
 SCHEDULES = ("cosine", "plateau", "none")
-LOSSES = ("l1", "mse")
+LOSSES = ("l1", "mse", "psnr")
 
 
 @dataclass
@@ -49,7 +49,12 @@ class TrainConfig:
     Degradations (``supervised``; ranges drawn uniformly per sample):
         dose_range (CT dose fraction), rician_range (MR noise SD / tissue signal), fwhm_range
         (blur FWHM in voxels), blur_noise (white noise SD added after blur, fraction of the
-        normalised unit), ct_noise_method (``image``: the fast image-domain method of
+        normalised unit), blur_noise_range (instead: the SD drawn per sample from ``(low, high)`` x
+        the series' 1-99 % intensity range, the matrix's convention), blur_anisotropy (largest
+        ratio of the PSF's two in-plane FWHMs), blur_tail (largest weight of a second Gaussian
+        twice as wide: a slightly non-Gaussian PSF), zoom_range (deblur: resample each patch by a
+        factor drawn from ``(low, high)``, output pixels per source pixel; below 1 the detail per
+        pixel is sharper than the source scans', as in a sharp kernel's scan), ct_noise_method (``image``: the fast image-domain method of
         :mod:`napari_restore.degrade`, the default; ``projection`` is ~100x slower per sample),
         ct_noise_hu (``(low, high)`` HU: instead of a dose, draw the added noise's median SD in the
         body from this range, keeping the low-dose model's texture and spatial variation; for
@@ -110,6 +115,10 @@ class TrainConfig:
     rician_range: tuple[float, float] = (0.02, 0.10)
     fwhm_range: tuple[float, float] = (1.0, 3.0)
     blur_noise: float = 0.0
+    blur_noise_range: tuple[float, float] | None = None
+    blur_anisotropy: float = 1.0
+    blur_tail: float = 0.0
+    zoom_range: tuple[float, float] | None = None
     ct_noise_method: str = "image"
     ct_noise_hu: tuple[float, float] | None = None
     ct_filters: tuple[str, ...] = ("cosine",)
@@ -230,6 +239,18 @@ class TrainConfig:
         lo, hi = (float(v) for v in self.fwhm_range)
         if not 0.0 < lo <= hi:
             raise bad(f"fwhm_range must be 0 < low <= high (voxels), got {self.fwhm_range}")
+        if self.blur_noise_range is not None:
+            lo, hi = (float(v) for v in self.blur_noise_range)
+            if not 0.0 <= lo <= hi <= 0.5:
+                raise bad(f"blur_noise_range must be 0 <= low <= high <= 0.5 (fraction of the range), got {self.blur_noise_range}")
+        if not 1.0 <= self.blur_anisotropy <= 4.0:
+            raise bad(f"blur_anisotropy (ratio of the two FWHMs) must be in [1, 4], got {self.blur_anisotropy}")
+        if not 0.0 <= self.blur_tail < 1.0:
+            raise bad(f"blur_tail must be in [0, 1), got {self.blur_tail}")
+        if self.zoom_range is not None:
+            lo, hi = (float(v) for v in self.zoom_range)
+            if not 0.4 <= lo <= hi <= 2.5:
+                raise bad(f"zoom_range must be 0.4 <= low <= high <= 2.5 (output pixels per source pixel), got {self.zoom_range}")
         if (self.pd_factor is not None and self.pd_factor < 1) or self.blind_spot < 1 or self.blind_spot % 2 == 0:
             raise bad("pd_factor must be >= 1 and blind_spot an odd number >= 1")
         if self.n2v_spacing is None:  # keep the masked share of the input near 5 % or below
@@ -345,6 +366,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="deblur: Gaussian blur FWHM LOW,HIGH in voxels")
     p.add_argument("--blur-noise", type=float, default=d.blur_noise,
                    help="deblur: SD of white noise added after the blur, in normalised units")
+    p.add_argument("--blur-noise-range", type=_floats2, default=None,
+                   help="deblur: draw the noise SD per sample from LOW,HIGH x the series' 1-99 %% intensity range "
+                        "(log-uniform with --log-draw; replaces --blur-noise)")
+    p.add_argument("--blur-anisotropy", type=float, default=d.blur_anisotropy,
+                   help="deblur: largest ratio of the PSF's two in-plane FWHMs, drawn per sample (1 = round)")
+    p.add_argument("--zoom-range", type=_floats2, default=None,
+                   help="deblur: resample each patch by a factor drawn from LOW,HIGH (output pixels per source pixel; "
+                        "below 1: sharper detail per pixel than the training scans have) before the blur (default: native)")
+    p.add_argument("--blur-tail", type=float, default=d.blur_tail,
+                   help="deblur: largest weight of a second Gaussian twice as wide (a PSF with heavier tails)")
     p.add_argument("--ct-noise-method", choices=("image", "projection"), default=d.ct_noise_method,
                    help="CT noise simulation: image (fast image-domain FBP noise) or projection (~100x slower per sample)")
     p.add_argument("--ct-noise-hu", type=_floats2, default=None,
@@ -389,7 +420,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                    help="learning-rate schedule")
     p.add_argument("--loss", choices=LOSSES, default=d.loss,
-                   help="training loss (plus --ssim-weight x SSIM loss)")
+                   help="training loss: l1, mse or psnr (the mean of each sample's 10 log10 MSE: a mild degradation weighs as much as a strong one) (plus --ssim-weight x SSIM loss)")
     p.add_argument("--ssim-weight", type=float, default=d.ssim_weight,
                    help="weight of MONAI's SSIM loss added to the L1/MSE loss (0 = none)")
     p.add_argument("--patience", type=int, default=d.patience,

@@ -28,6 +28,7 @@ SOURCES = (
                "https://github.com/neurolabusc/dcm_qa_xa30"),
     DataSource("VolumeRenderingData", "MIT", "Copyright (c) 2020 Chris Rorden",
                "https://github.com/neurolabusc/VolumeRenderingData"),
+    DataSource("pydicom-data", "MIT", "Copyright (c) 2020 Dicom in Python", "https://github.com/pydicom/pydicom-data"),
     DataSource("TotalSegmentator", "Apache-2.0", "Copyright Jakob Wasserthal and the TotalSegmentator contributors",
                "https://github.com/wasserth/TotalSegmentator"),
 )

@@ -230,7 +230,10 @@ class _Run:
                                            None if cfg.ct_noise_hu is None else tuple(cfg.ct_noise_hu),
                                            tuple(cfg.ct_filters),
                                            None if cfg.ct_pixel_range is None else tuple(cfg.ct_pixel_range),
-                                           bool(cfg.log_draw), float(cfg.clean_fraction))
+                                           bool(cfg.log_draw), float(cfg.clean_fraction),
+                                           None if cfg.blur_noise_range is None else tuple(cfg.blur_noise_range),
+                                           float(cfg.blur_anisotropy), float(cfg.blur_tail),
+                                           None if cfg.zoom_range is None else tuple(cfg.zoom_range))
         else:
             self.degradation = None
 

@@ -1,4 +1,4 @@
-"""Losses: supervised (L1/MSE + MONAI SSIM) and self-supervised (Neighbor2Neighbor, Noise2Void).
+"""Losses: supervised (L1/MSE/per-sample PSNR + MONAI SSIM) and self-supervised (Neighbor2Neighbor, Noise2Void).
 
 All work on batches ``(B, 1, H, W)`` (2-D) or ``(B, 1, D, H, W)`` (3-D) in network units; 2.5-D
 inputs are ``(B, C, H, W)``, the centre slice and its neighbours (the output stays one channel).
@@ -24,15 +24,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class PSNRLoss(nn.Module):
+    """The batch mean of each sample's ``10 log10(MSE + eps)`` (dB; lower is better).
+
+    Every sample weighs the same in decibels, as every cell of the condition matrix does: a mildly
+    degraded sample, whose input is already close to its target, counts as much as a badly
+    degraded one (with L1 or MSE its small error is drowned by the large ones, and the network
+    learns to sharpen a sharp image). The "PSNR loss" of BasicSR's HINet/NAFNet deblurring
+    recipes. ``eps`` (network units squared) caps what an exact sample can still earn.
+    """
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = float(eps)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        mse = ((pred - target) ** 2).flatten(1).mean(dim=1)
+        return (10.0 * torch.log10(mse + self.eps)).mean()
+
+
 class SupervisedLoss(nn.Module):
-    """``L1`` or ``MSE`` plus ``ssim_weight * (1 - SSIM)`` (MONAI :class:`~monai.losses.SSIMLoss`).
+    """``L1``, ``MSE`` or ``psnr`` (:class:`PSNRLoss`) plus ``ssim_weight * (1 - SSIM)`` (MONAI
+    :class:`~monai.losses.SSIMLoss`).
 
     SSIM is computed on both images scaled by the target batch's range, so ``data_range = 1``.
     """
 
     def __init__(self, kind: str = "l1", ssim_weight: float = 0.0, spatial_dims: int = 2):
         super().__init__()
-        self.base = nn.L1Loss() if kind == "l1" else nn.MSELoss()
+        self.base = {"l1": nn.L1Loss, "mse": nn.MSELoss, "psnr": PSNRLoss}[kind]()
         self.ssim_weight = float(ssim_weight)
         self.ssim = None
         if self.ssim_weight > 0:

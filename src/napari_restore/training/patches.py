@@ -56,6 +56,10 @@ class Degradation:
     ct_pixel_range: tuple[float, float] | None = None  # CT: in-plane pixel size (mm) resampled to
     log_draw: bool = False  # draw the dose / noise level log-uniformly (as many mild as strong)
     clean_fraction: float = 0.0  # share of samples left undegraded (do no harm on clean input)
+    blur_noise_range: tuple[float, float] | None = None  # deblur: noise SD / the series' 1-99 % range
+    blur_anisotropy: float = 1.0  # deblur: largest ratio of the two in-plane FWHMs
+    blur_tail: float = 0.0  # deblur: largest weight of a second Gaussian twice as wide (non-Gaussian PSF)
+    zoom_range: tuple[float, float] | None = None  # deblur: output pixels per source pixel, drawn per sample
 
     def _level(self, lo: float, hi: float, rng: np.random.Generator) -> float:
         if self.log_draw and lo > 0:
@@ -63,7 +67,13 @@ class Degradation:
         return float(rng.uniform(lo, hi))
 
     def zoom_factor(self, rec: "SeriesData", rng: np.random.Generator) -> float:
-        """Output pixels per source pixel for one sample (1 = native; within 0.4-2.5)."""
+        """Output pixels per source pixel for one sample (1 = native; within 0.4-2.5).
+
+        CT denoising: to an in-plane pixel size drawn from ``ct_pixel_range`` (mm); deblurring: a
+        factor drawn from ``zoom_range`` (below 1: coarser pixels, so sharper detail per pixel than
+        the source scans have, as a sharp kernel's scan has)."""
+        if self.kind == "gaussian_blur" and self.zoom_range is not None:
+            return float(np.clip(rng.uniform(*self.zoom_range), 0.4, 2.5))
         if self.kind != "ct_lowdose" or self.ct_pixel_range is None:
             return 1.0
         target = float(rng.uniform(*self.ct_pixel_range))
@@ -75,8 +85,37 @@ class Degradation:
 
     def margin(self) -> int:
         if self.kind == "gaussian_blur":
-            return int(math.ceil(4.0 * self.fwhm_range[1] / 2.3548)) + 1
+            widest = self.fwhm_range[1] * math.sqrt(self.blur_anisotropy) * (2.0 if self.blur_tail > 0 else 1.0)
+            return int(math.ceil(4.0 * widest / 2.3548)) + 1
         return 0
+
+    def blur(self, rec: SeriesData, clean: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, float]]:
+        """In-plane blur of ``clean`` (``(y, x)`` or ``(c, y, x)``) with a drawn PSF, then white noise.
+
+        The PSF: a Gaussian of FWHM drawn from ``fwhm_range`` (voxels), its two axes stretched by
+        up to ``blur_anisotropy`` in ratio, plus up to ``blur_tail`` of a Gaussian twice as wide.
+        The noise SD: ``blur_noise`` (network units), or drawn from ``blur_noise_range`` as a
+        fraction of the series' 1-99 % range (:meth:`SeriesData.value_range`).
+        """
+        fwhm = float(rng.uniform(*self.fwhm_range))
+        ratio = math.exp(rng.uniform(-1.0, 1.0) * math.log(self.blur_anisotropy)) if self.blur_anisotropy > 1 else 1.0
+        sy, sx = fwhm * math.sqrt(ratio) / 2.3548, fwhm / math.sqrt(ratio) / 2.3548
+        lead = (0.0,) * (clean.ndim - 2)
+        out = ndi.gaussian_filter(clean, lead + (sy, sx), mode="reflect", truncate=4.0).astype(np.float32)
+        tail = float(rng.uniform(0.0, self.blur_tail)) if self.blur_tail > 0 else 0.0
+        if tail > 0:
+            wide = ndi.gaussian_filter(clean, lead + (2 * sy, 2 * sx), mode="reflect", truncate=4.0)
+            out = ((1.0 - tail) * out + tail * wide).astype(np.float32)
+        params = {"fwhm": fwhm, "anisotropy": ratio, "tail": tail}
+        if self.blur_noise_range is not None:
+            frac = self._level(*self.blur_noise_range, rng)
+            sd = frac * rec.value_range()
+            params["noise_fraction"] = frac
+        else:
+            sd = self.blur_noise
+        if sd > 0:
+            out += (sd * rng.standard_normal(out.shape)).astype(np.float32)
+        return out, params
 
     def apply(self, rec: SeriesData, clean: np.ndarray, z0: int, starts: Sequence[int],
               rng: np.random.Generator, zs: Sequence[int] | None = None,
@@ -131,13 +170,7 @@ class Degradation:
             noisy = np.abs(phys + sigma * (rng.standard_normal(phys.shape) + 1j * rng.standard_normal(phys.shape)))
             return rec.normalised(noisy.astype(np.float32)), {"sigma_fraction": frac}
         if self.kind == "gaussian_blur":
-            fwhm = float(rng.uniform(*self.fwhm_range))
-            sig = fwhm / 2.3548
-            sigmas = (0.0,) * (clean.ndim - 2) + (sig, sig)
-            out = ndi.gaussian_filter(clean, sigmas, mode="reflect", truncate=4.0).astype(np.float32)
-            if self.blur_noise > 0:
-                out += (self.blur_noise * rng.standard_normal(out.shape)).astype(np.float32)
-            return out, {"fwhm": fwhm}
+            return self.blur(rec, clean, rng)
         raise InputError(f"unknown degradation {self.kind!r}")
 
 

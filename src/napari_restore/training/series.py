@@ -75,6 +75,15 @@ class SeriesData:
     def normalised(self, x: np.ndarray) -> np.ndarray:
         return ((x - np.float32(self.offset)) / np.float32(self.scale)).astype(np.float32)
 
+    def value_range(self) -> float:
+        """The 1-99 % intensity range of ``array`` (network units; cached): the unit of blur-noise draws."""
+        if "range" not in self._ct_maps:
+            from ..intensity import sample_values
+
+            p1, p99 = np.percentile(sample_values(np.asarray(self.array)), [1, 99])
+            self._ct_maps["range"] = max(float(p99 - p1), 1e-6)  # type: ignore[assignment]
+        return self._ct_maps["range"]  # type: ignore[return-value]
+
     def ct_median_sd(self, z: int) -> float:
         """Median over the body of the photon-noise SD coefficient of slice ``z`` (cached)."""
         key = ("median", z)
