@@ -54,8 +54,9 @@ class TrainConfig:
         ratio of the PSF's two in-plane FWHMs), blur_tail (largest weight of a second Gaussian
         twice as wide: a slightly non-Gaussian PSF), zoom_range (deblur: resample each patch by a
         factor drawn from ``(low, high)``, output pixels per source pixel; below 1 the detail per
-        pixel is sharper than the source scans', as in a sharp kernel's scan), ct_noise_method (``image``: the fast image-domain method of
-        :mod:`napari_restore.degrade`, the default; ``projection`` is ~100x slower per sample),
+        pixel is sharper than the source scans', as in a sharp kernel's scan), ct_noise_method
+        (``image``: the fast image-domain method of :mod:`napari_restore.degrade`, the default;
+        ``projection`` is ~100x slower per sample),
         ct_noise_hu (``(low, high)`` HU: instead of a dose, draw the added noise's median SD in the
         body from this range, keeping the low-dose model's texture and spatial variation; for
         training scans whose simulated dose noise is unrealistically low: small heads, phantoms,
@@ -420,7 +421,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--schedule", choices=SCHEDULES, default=d.schedule,
                    help="learning-rate schedule")
     p.add_argument("--loss", choices=LOSSES, default=d.loss,
-                   help="training loss: l1, mse or psnr (the mean of each sample's 10 log10 MSE: a mild degradation weighs as much as a strong one) (plus --ssim-weight x SSIM loss)")
+                   help="training loss: l1, mse or psnr (the mean of each sample's 10 log10 MSE: a mild "
+                        "degradation weighs as much as a strong one), plus --ssim-weight x SSIM loss")
     p.add_argument("--ssim-weight", type=float, default=d.ssim_weight,
                    help="weight of MONAI's SSIM loss added to the L1/MSE loss (0 = none)")
     p.add_argument("--patience", type=int, default=d.patience,

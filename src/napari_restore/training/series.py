@@ -64,6 +64,7 @@ class SeriesData:
     description: str = ""
     target: np.ndarray | None = field(default=None, repr=False)
     _ct_maps: dict[Any, Any] = field(default_factory=dict, repr=False)
+    _stats: dict[str, float] = field(default_factory=dict, repr=False)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -77,12 +78,12 @@ class SeriesData:
 
     def value_range(self) -> float:
         """The 1-99 % intensity range of ``array`` (network units; cached): the unit of blur-noise draws."""
-        if "range" not in self._ct_maps:
+        if "range" not in self._stats:
             from ..intensity import sample_values
 
             p1, p99 = np.percentile(sample_values(np.asarray(self.array)), [1, 99])
-            self._ct_maps["range"] = max(float(p99 - p1), 1e-6)  # type: ignore[assignment]
-        return self._ct_maps["range"]  # type: ignore[return-value]
+            self._stats["range"] = max(float(p99 - p1), 1e-6)
+        return self._stats["range"]
 
     def ct_median_sd(self, z: int) -> float:
         """Median over the body of the photon-noise SD coefficient of slice ``z`` (cached)."""
@@ -320,7 +321,7 @@ def resliced_views(series: Sequence[SeriesData], max_anisotropy: float = 1.1) ->
             out.append(dataclasses.replace(
                 s, key=f"{s.key}#resliced-{axis}", array=np.ascontiguousarray(s.array.transpose(order)),
                 affine=s.affine[:, [*order, 3]], description=f"{s.description} (resliced along {axis})".strip(),
-                _ct_maps={}))
+                _ct_maps={}, _stats={}))
     return out
 
 
