@@ -174,17 +174,20 @@ def test_default_ct_deblurrer_on_a_fixed_subset_of_the_condition_matrix(shared_d
     """Three cells of docs/robustness.md's CT deblurring matrix on the unseen Siemens body CT (one
     slice, 128 px): FWHM 2 voxels with 1 % noise (well above Richardson-Lucy given the true PSF),
     FWHM 3 with 0.25 % (far above its input), and the known loss, FWHM 1 with 0.25 % noise: an image
-    that is already sharp, which the model over-sharpens (below its input; 0.1.0: -10.4 dB)."""
+    that is already sharp, which the model over-sharpens (below its input; 0.1.0: -10.4 dB). The guard
+    says so in that cell only (the input's edge spread)."""
     from napari_restore import robustness as R
     from napari_restore.models import load_model
 
     model = load_model("deblur-ct", device="cpu")
     series = R.load_series(shared_data, "ct/siemens-body-j2k")
-    margins, gains = {}, {}
+    margins, gains, guard = {}, {}, {}
     for fwhm, noise in ((2.0, 0.01), (3.0, 0.0025), (1.0, 0.0025)):
         cell = R.deblur_cell(series, {"fwhm_vox": fwhm, "noise": noise}, [model], slices=1, crop=128)
         margins[fwhm] = cell.scores["deblur-ct"]["psnr"] - cell.scores["rl"]["psnr"]
         gains[fwhm] = cell.gain("deblur-ct")
+        guard[fwhm] = sorted(cell.scores["deblur-ct"]["guard"])
     assert margins[2.0] > 1.5 and gains[2.0] > 1.5, (margins, gains)  # +2.07 over RL, +2.16 over the input
     assert gains[3.0] > 2.5 and margins[3.0] > -0.5, (margins, gains)  # +3.41, +0.10
     assert min(gains, key=gains.get) == 1.0 and gains[1.0] > -8.0, gains  # -6.96 dB: a known loss
+    assert guard == {2.0: [], 3.0: [], 1.0: ["edge_fwhm_voxels"]}, guard

@@ -44,6 +44,33 @@ def test_measure_and_range(body):
     assert len(notes) == 1 and "noise SD" in notes[0] and OUTSIDE in notes[0]
 
 
+def _blurred(vol: nr.Volume, fwhm_vox: float) -> nr.Volume:
+    from scipy import ndimage as ndi
+
+    s = fwhm_vox / 2.3548
+    return vol.copy_with(ndi.gaussian_filter(vol.array, (0, s, s)).astype(np.float32))
+
+
+def test_the_guard_tells_a_deblurrer_that_its_input_is_already_sharp(body, shared_data):
+    ct, mr_card = load_model("deblur-ct").card, load_model("deblur-mr-25d").card
+    native = measure(body)["edge_fwhm_voxels"]
+    assert native < 1.7 and measure(_blurred(body, 3.0))["edge_fwhm_voxels"] > native + 1.0
+    notes = check_trusted_range(body, ct)
+    assert len(notes) == 1 and "edge spread" in notes[0] and "already sharp" in notes[0]
+    assert check_trusted_range(_blurred(body, 3.0), ct) == []
+    assert check_trusted_range(body, load_model("denoise-ct").card) == []  # denoisers do not care
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mr = nr.load(shared_data / "mr" / "nifti" / "seg3d_MR.nii.gz")[0]
+    mr = mr.copy_with(mr.array[78:82])
+    assert any("already sharp" in n for n in check_trusted_range(mr, mr_card))
+    assert check_trusted_range(_blurred(mr, 3.0), mr_card) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = nr.restore(body, task="deblur", model="deblur-ct", device="cpu")
+    assert any("already sharp" in w for w in out.meta["warnings"])
+
+
 def test_bad_trusted_range_is_a_model_error():
     card = load_model("denoise-ct").card.to_dict()
     card["trusted_range"] = {"pixel_mm": [1.0, 0.5]}

@@ -12,6 +12,7 @@ from napari_restore.metrics import (
     ct_psnr,
     ct_ssim,
     edge_rise_distance,
+    edge_width_fwhm,
     noise_power_spectrum,
     noise_sd_estimate,
     psnr,
@@ -112,6 +113,43 @@ def test_edge_rise_distance():
     assert edge_rise_distance(noisy, 0.5) == pytest.approx(2.5631 * sigma, rel=0.1)
     with pytest.raises(InputError):
         edge_rise_distance(np.ones(20), 0.5)
+
+
+def _disks(n: int = 256, supersample: int = 4) -> np.ndarray:
+    """Three 1000-unit disks, pixel-integrated (ideal step edges), ``(n, n)``."""
+    m = n * supersample
+    yy, xx = np.mgrid[:m, :m] / supersample
+    img = np.zeros((m, m))
+    for cy, cx, r in ((75, 75, 38), (175, 160, 50), (75, 200, 25)):
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 1000.0
+    return img.reshape(n, supersample, n, supersample).mean(axis=(1, 3))
+
+
+def test_edge_width_reads_the_blur_of_step_edges_through_noise():
+    from scipy import ndimage as ndi
+
+    img, rng = _disks(), np.random.default_rng(5)
+    for fwhm in (1.5, 2.0, 3.0, 4.0):
+        sigma = fwhm / 2.3548
+        true = 2.3548 * math.sqrt(sigma ** 2 + 1 / 12)  # the pixel's own width adds 1/12 px^2
+        blurred = ndi.gaussian_filter(img, sigma)
+        for sd in (0.0, 10.0, 40.0):
+            noisy = blurred + rng.normal(0, sd, img.shape) if sd else blurred
+            assert edge_width_fwhm(noisy, max(sd, 1.0)) == pytest.approx(true, abs=0.25), (fwhm, sd)
+    assert edge_width_fwhm(img, 1.0) < 1.0  # unblurred steps
+    assert edge_width_fwhm(rng.normal(0, 20, (128, 128)), 20.0) is None  # no edge stands out of the noise
+    with pytest.raises(InputError):
+        edge_width_fwhm(np.zeros((4, 4)), 1.0)
+
+
+def test_edge_width_grows_with_the_blur_added_to_a_real_slice(ct_slice):
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(6)
+    reads = [edge_width_fwhm(ndi.gaussian_filter(ct_slice, f / 2.3548) + rng.normal(0, 10, ct_slice.shape), 10.0)
+             if f else edge_width_fwhm(ct_slice, 10.0) for f in (0.0, 1.5, 2.5, 3.5)]
+    assert reads[0] < 1.7  # the Siemens body kernel: sharp
+    assert all(b > a + 0.3 for a, b in zip(reads, reads[1:])), reads
 
 
 def test_nps_integrates_to_variance():

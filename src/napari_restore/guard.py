@@ -7,7 +7,10 @@ them to the result's ``meta["warnings"]``, which the CLI prints, the widget show
 manifest records. A warning is not a refusal: the user decides.
 
 Noise is measured as in :func:`napari_restore.metrics.noise_sd_estimate` (mode of local SDs): CT
-in soft tissue (0-100 HU, in HU), MR relative to the foreground mean.
+in soft tissue (0-100 HU, in HU), MR relative to the foreground mean. The edge spread
+(``edge_fwhm_voxels``, :func:`napari_restore.metrics.edge_width_fwhm`) is how blurred the input
+already is: a deblurrer handed an image that is already sharp rings at its edges. ``fwhm_voxels``
+(the blur added in training, on top of the training scans' own) is recorded but not measured.
 """
 from __future__ import annotations
 
@@ -24,6 +27,11 @@ RANGE_KEYS = {
     "noise_sd_hu": "noise SD in soft tissue (HU)",
     "noise_fraction": "noise SD relative to the tissue signal",
     "fwhm_voxels": "blur FWHM (voxels)",
+    "edge_fwhm_voxels": "edge spread (FWHM, voxels)",
+}
+#: what a measure below its range means, added to the warning
+LOW_HINTS = {
+    "edge_fwhm_voxels": "the input is already sharp, and deblurring it can add rings at its edges",
 }
 #: a measure this much beyond a bound still counts as inside (estimation error)
 SLACK = 0.15
@@ -48,8 +56,8 @@ def validate_range(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def measure(volume: Volume, max_slices: int = 5) -> dict[str, float]:
-    """Pixel size, slice thickness and noise level of ``volume`` (a few middle slices)."""
+def measure(volume: Volume, max_slices: int = 5, edges: bool = True) -> dict[str, float]:
+    """Pixel size, slice thickness, noise level and (``edges``) edge spread of ``volume`` (a few middle slices)."""
     arr = volume.array if volume.array.ndim == 3 else volume.array[0]
     nz = arr.shape[0]
     idx = np.unique(np.linspace(nz * 0.25, nz * 0.75, min(max_slices, nz)).astype(int).clip(0, nz - 1))
@@ -62,7 +70,25 @@ def measure(volume: Volume, max_slices: int = 5) -> dict[str, float]:
         out["noise_sd_hu"] = sd
     elif sd is not None and mean > 0:
         out["noise_fraction"] = sd / mean
+    edge = _edge_spread(sub, sd) if edges else None
+    if edge is not None:
+        out["edge_fwhm_voxels"] = edge
     return out
+
+
+def _edge_spread(sub: np.ndarray, noise_sd: float | None) -> float | None:
+    """:func:`metrics.edge_width_fwhm` of ``(z, y, x)`` slices; the noise from the whole image when
+    there is too little tissue to measure it (``None``: too small, or too few strong edges)."""
+    from .errors import InputError
+    from .metrics import edge_width_fwhm, noise_sd_estimate
+
+    if min(sub.shape[-2:]) < 16:
+        return None
+    try:
+        sd = noise_sd if noise_sd is not None else noise_sd_estimate(sub)
+        return edge_width_fwhm(sub, sd)
+    except InputError:
+        return None
 
 
 def tissue_noise(image: np.ndarray, modality: str) -> tuple[float | None, float]:
@@ -107,11 +133,15 @@ def check_trusted_range(volume: Volume, card: Any, measured: dict[str, float] | 
     """Warnings for every measure of ``volume`` outside ``card``'s ``trusted_range``."""
     if not (getattr(card, "trusted_range", None) or {}):
         return []
-    m = measured if measured is not None else measure(volume)
+    m = measured if measured is not None else measure(volume, edges=_wants_edges([card]))
     return [f"{card.name}: the input's {RANGE_KEYS[key]} is {v:.3g}, outside the range it was trained and "
-            f"tested on ({lo:g}-{hi:g}); check the result against the input "
-            "(docs/robustness.md shows where each model can be trusted)"
+            f"tested on ({lo:g}-{hi:g}){'; ' + LOW_HINTS[key] if key in LOW_HINTS and v < lo else ''}; "
+            "check the result against the input (docs/robustness.md shows where each model can be trusted)"
             for key, (v, lo, hi) in outside_range(card, m).items()]
+
+
+def _wants_edges(cards: list[Any]) -> bool:
+    return any("edge_fwhm_voxels" in (getattr(c, "trusted_range", None) or {}) for c in cards)
 
 
 def range_warnings(volume: Volume, cards: list[Any]) -> list[str]:
@@ -119,5 +149,5 @@ def range_warnings(volume: Volume, cards: list[Any]) -> list[str]:
     cards = [c for c in cards if getattr(c, "trusted_range", None)]
     if not cards:
         return []
-    measured = measure(volume)
+    measured = measure(volume, edges=_wants_edges(cards))
     return [w for card in cards for w in check_trusted_range(volume, card, measured)]

@@ -38,8 +38,8 @@ MR_SIGMAS = (0.02, 0.05, 0.10)
 BLUR_FWHM = (1.0, 2.0, 3.0)
 BLUR_NOISE = (0.0025, 0.01, 0.02)
 RL_ITERATIONS = (10, 20, 50)
-#: bumped when a cell gains results (the benchmark's cache then recomputes): 2 = models' ``ref_psnr``/``guard``
-CELL_FORMAT = 2
+#: bumped when a cell gains results (the benchmark's cache then recomputes): 2 = models' ``ref_psnr``/``guard``; 3 = the guard measures the edge spread
+CELL_FORMAT = 3
 CT_N_VIEWS_MAX = 320  # views of the projection simulation (texture only, not the level; keeps it affordable)
 
 #: Real series of ../shared/data (relative paths) for the matrix: (path, label). A series a model
