@@ -212,6 +212,14 @@ def _selected(rel: str, wanted: list[str] | None) -> bool:
     return not wanted or any(w in rel for w in wanted)
 
 
+def _card_digest(card) -> str:
+    """A digest of the whole card: a change of its inference settings (self-ensemble, trusted range)
+    under the same name and version must not reuse cached figures."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(card.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def run_unit(unit: tuple):
     """One piece of work, cached in ``--cache`` so that an interrupted run resumes where it stopped."""
     import hashlib
@@ -222,7 +230,8 @@ def run_unit(unit: tuple):
     models, args, out_dir = _CTX
     key = json.dumps([list(unit), args.slices, args.crop, args.lc_seeds, R.CT_N_VIEWS_MAX, list(args.baselines),
                       R.CELL_FORMAT,
-                      [(m.card.name, m.card.version, str(m.card.path)) for m in models]], default=str)
+                      [(m.card.name, m.card.version, str(m.card.path), _card_digest(m.card)) for m in models]],
+                     default=str)
     cache = args.cache / (hashlib.sha1(key.encode()).hexdigest()[:16] + ".json") if args.cache else None
     if cache is not None and cache.is_file():
         res = json.loads(cache.read_text(encoding="utf-8"))

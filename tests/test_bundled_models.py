@@ -137,14 +137,14 @@ def test_deblur_mr_sharpens_unseen_blurred_mr(shared_data):
     for model, name in ((None, "deblur-mr-25d"), ("deblur-mr", "deblur-mr")):
         out = nr.restore(vol.copy_with(blurred.astype(np.float32)), task="deblur", model=model, device="cpu")
         prov = out.meta["provenance"][-1]
-        assert prov["model"] == name and prov.get("self_ensemble") == (8 if name == "deblur-mr-25d" else None)
+        assert prov["model"] == name and prov.get("self_ensemble") == (8 if name == "deblur-mr-25d" else 4)  # the cards: 8 flips/rotations, 4 rotations
         gains[name] = np.array([psnr(c, o, rng) - psnr(c, b, rng)
                                 for c, o, b in zip(clean[inner], out.array[inner], blurred[inner])])
         assert gains[name].min() > 0.0  # no slice gets worse than its degraded input
-        assert gains[name].mean() > 3.0  # measured 5.3 and 6.7 dB
-    # the 2.5-D model (its card: a self-ensemble of 8 flips/rotations) is better on every slice: worst +0.60 dB
+        assert gains[name].mean() > 3.0  # measured 5.7 and 6.7 dB
+    # the 2.5-D model is better on every slice (both average over rotations): worst +0.17 dB
     better = gains["deblur-mr-25d"] - gains["deblur-mr"]
-    assert better.min() > 0.2 and better.mean() > 1.0, better  # measured mean +1.46 dB
+    assert better.min() > 0.05 and better.mean() > 0.6, better  # measured mean +0.97 dB (one 2-D pass: +1.46)
 
 
 def test_default_ct_model_on_a_fixed_subset_of_the_condition_matrix(shared_data):
