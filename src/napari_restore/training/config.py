@@ -70,7 +70,10 @@ class TrainConfig:
         the same noise, as a single-slice series reaches the model), target_nlm (cleaner targets:
         each training slice's own noise removed by non-local means with ``h`` this multiple of
         its measured noise SD, so the network learns to remove a scan's native noise too; 0 =
-        the scans as they are; :mod:`.targets`).
+        the scans as they are; :mod:`.targets`), distill_ensemble (supervised fine-tune: the
+        target moves towards the init model averaged over this many in-plane flips/rotations, 2, 4
+        or 8, so that one pass learns what the self-ensemble does; 0 = off), distill_weight (how
+        far: 1 = the ensemble's output alone, 0.5 = half way between it and the training target).
     Self-supervised:
         self_supervised: ``n2n`` (Neighbor2Neighbor, default) or ``n2v`` (Noise2Void);
         n2n_gamma: weight of the N2N regulariser; pd_factor: pixel-shuffle downsampling factor
@@ -128,6 +131,8 @@ class TrainConfig:
     clean_fraction: float = 0.0
     single_slice_fraction: float = 0.0
     target_nlm: float = 0.0
+    distill_ensemble: int = 0
+    distill_weight: float = 1.0
     self_supervised: str = "n2n"
     n2n_gamma: float = 1.0
     pd_factor: int | None = None
@@ -234,6 +239,13 @@ class TrainConfig:
             raise bad(f"target_nlm (NLM h as a multiple of the noise SD; 0 = off) must be in [0, 3], got {self.target_nlm}")
         if not 0.0 <= self.single_slice_fraction < 1.0:
             raise bad(f"single_slice_fraction must be in [0, 1), got {self.single_slice_fraction}")
+        if self.distill_ensemble not in (0, 2, 4, 8):
+            raise bad(f"distill_ensemble must be 0 (off), 2, 4 or 8, got {self.distill_ensemble}")
+        if self.distill_ensemble and (self.mode != "supervised" or not self.init_model):
+            raise bad("distill_ensemble needs supervised training from an init model (--init-model): "
+                      "the init model's self-ensemble is the teacher")
+        if not 0.0 < self.distill_weight <= 1.0:
+            raise bad(f"distill_weight must be in (0, 1], got {self.distill_weight}")
         lo, hi = (float(v) for v in self.rician_range)
         if not 0.0 <= lo <= hi:
             raise bad(f"rician_range must be 0 <= low <= high, got {self.rician_range}")
@@ -396,6 +408,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--target-nlm", type=float, default=d.target_nlm, metavar="H",
                    help="supervised: learn the scans without their own noise (non-local means per slice, "
                         "h = H x the slice's measured noise SD, e.g. 0.8; 0 = the scans as they are)")
+    p.add_argument("--distill-ensemble", type=int, default=d.distill_ensemble, metavar="N",
+                   help="supervised fine-tune: move the target towards the init model averaged over N in-plane "
+                        "flips/rotations (2, 4 or 8), so that one pass learns the self-ensemble (0 = off)")
+    p.add_argument("--distill-weight", type=float, default=d.distill_weight, metavar="W",
+                   help="with --distill-ensemble: 1 = the ensemble's output is the target, 0.5 = half way to the "
+                        "training target")
     p.add_argument("--self-supervised", choices=SELF_SUPERVISED, default=d.self_supervised,
                    help="self-supervised method: n2n (Neighbor2Neighbor) or n2v (Noise2Void)")
     p.add_argument("--n2n-gamma", type=float, default=d.n2n_gamma,
