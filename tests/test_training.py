@@ -608,7 +608,7 @@ def test_distilling_the_self_ensemble_moves_the_target_towards_the_init_models_a
             run = _Run(cfg, info, None, None)
             run.prepare()
             with torch.no_grad():
-                torch.testing.assert_close(run._distilled(x, y), weight * teacher(x), rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(run.teacher(x, y), weight * teacher(x), rtol=1e-4, atol=1e-5)
         finally:
             teardown(info)
     tuned = train(_cfg(tmp_path / "tuned", data, val_data=val, init_model=str(one), architecture=None,

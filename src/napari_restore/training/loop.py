@@ -28,6 +28,7 @@ from .config import TrainConfig, TrainResult
 from .data import (Degradation, PatchDataset, SeriesData, load_series, match_pairs, prewarm_ct_maps, resliced_views,
                    split_series, validation_set)
 from .distributed import DistInfo, all_mean, barrier, setup, sync_buffers, teardown, unwrap, wrap
+from .distill import EnsembleTargets
 from .losses import Neighbor2NeighborLoss, Noise2VoidLoss, SupervisedLoss
 
 CHECKPOINT_FORMAT = "napari-restore-checkpoint"
@@ -134,7 +135,7 @@ class _Run:
         from ..networks import DEFAULT_2D, DEFAULT_3D, build_network, expand_context, network_spec
 
         self.ckpt = read_checkpoint(cfg.resume) if cfg.resume else None
-        self.teacher: torch.nn.Module | None = None  # distill_ensemble: the init model's self-ensemble
+        self.teacher: EnsembleTargets | None = None  # distill_ensemble: towards the init model's self-ensemble
         init_card = None
         init_state = None
         if cfg.init_model:
@@ -145,10 +146,7 @@ class _Run:
             init_state = _state_cpu(loaded.network)
             arch = network_spec(loaded.network)
             if cfg.distill_ensemble:
-                from ..networks import SelfEnsemble, prepare_for_inference
-
-                self.teacher = SelfEnsemble(prepare_for_inference(loaded.network), cfg.distill_ensemble).to(self.info.device)
-                self.teacher.requires_grad_(False)
+                self.teacher = EnsembleTargets(loaded.network, cfg.distill_ensemble, cfg.distill_weight, self.info.device)
             wanted = build_network("ResidualUNet", cfg.architecture).config if cfg.architecture is not None else arch["args"]
             if cfg.context is not None:
                 wanted = {**wanted, "context": int(cfg.context)}
@@ -412,7 +410,7 @@ class _Run:
                         loss = self.ss_loss(self.net, x, gen)
                     else:
                         if self.teacher is not None:
-                            y = self._distilled(x, y)
+                            y = self.teacher(x, y)
                         loss = self.sup_loss(self.net(x), y)
                     if not torch.isfinite(loss):
                         raise ModelError(f"the training loss became {float(loss)} at step {self.step}; lower lr (now {cfg.lr})")
@@ -464,13 +462,6 @@ class _Run:
             if writer is not None:
                 writer.close()
         return self.finish(run_dir, stopped_early)
-
-    @torch.no_grad()
-    def _distilled(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The target moved ``distill_weight`` of the way to the teacher's output (the init model's
-        self-ensemble, eval mode): ``x`` ``(B, C, H, W)`` input, ``y`` ``(B, 1, H, W)`` target."""
-        t = self.teacher(x).to(y.dtype)
-        return torch.lerp(y, t, float(self.cfg.distill_weight))
 
     def _time_cosine(self, info) -> None:
         """Set this epoch's learning rate on a cosine over the run's time budget.
