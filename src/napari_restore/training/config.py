@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..constants import IMAGE_MODALITIES, TRAIN_TASKS
+from ..constants import ENSEMBLE_SIZES, IMAGE_MODALITIES, TRAIN_TASKS
 from ..errors import InputError
 
 MODES = ("supervised", "paired", "self-supervised")
@@ -239,8 +239,8 @@ class TrainConfig:
             raise bad(f"target_nlm (NLM h as a multiple of the noise SD; 0 = off) must be in [0, 3], got {self.target_nlm}")
         if not 0.0 <= self.single_slice_fraction < 1.0:
             raise bad(f"single_slice_fraction must be in [0, 1), got {self.single_slice_fraction}")
-        if self.distill_ensemble not in (0, 2, 4, 8):
-            raise bad(f"distill_ensemble must be 0 (off), 2, 4 or 8, got {self.distill_ensemble}")
+        if self.distill_ensemble not in (0, *ENSEMBLE_SIZES[1:]):
+            raise bad(f"distill_ensemble must be 0 (off) or one of {ENSEMBLE_SIZES[1:]}, got {self.distill_ensemble}")
         if self.distill_ensemble and (self.mode != "supervised" or not self.init_model):
             raise bad("distill_ensemble needs supervised training from an init model (--init-model): "
                       "the init model's self-ensemble is the teacher")
