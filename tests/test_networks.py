@@ -122,6 +122,38 @@ def test_context_network_takes_neighbours_and_grows_from_a_single_slice_one(nru)
         build_network("ResidualUNet", {**DEFAULT_3D, "context": 1})
 
 
+def test_noise_input_network_measures_the_level_and_grows_from_one_without_it():
+    """FFDNet-style conditioning on a level the network measures itself (issue 18)."""
+    g = torch.Generator().manual_seed(4)
+    # the level: the low quantile of local SDs, blind to constant padding and to a few edges
+    flat = torch.randn(1, 1, 200, 200, generator=g) * 0.3
+    padded = torch.nn.functional.pad(flat, (60, 60, 60, 60), value=-8.0)  # outside the field of view
+    steps = flat + (torch.arange(200)[None, None, None, :] // 25 % 2) * 2.0  # 8 strong edges across
+    level = ResidualUNet.noise_level(torch.cat([flat, padded[..., :200, :200], steps]))
+    assert level.shape == (3, 1, 1, 1)
+    assert 0.8 * 0.3 < float(level[0]) < 1.0 * 0.3
+    assert abs(float(level[1]) - float(level[0])) < 0.03 and abs(float(level[2]) - float(level[0])) < 0.03
+    assert float(ResidualUNet.noise_level(torch.zeros(1, 1, 32, 32))) == 0.0
+    # grown from a 2.5-D network without it: the same function until the level channel's weights move
+    base = _randomise(build_network("ResidualUNet", {**DEFAULT_2D, "context": 1}), seed=5)
+    cond = build_network("ResidualUNet", {**DEFAULT_2D, "context": 1, "noise_input": True})
+    assert "noise_input" not in base.config and network_spec(cond)["args"]["noise_input"] is True
+    cond.load_state_dict(expand_context(base.state_dict(), cond))
+    x = torch.randn(2, 3, 48, 40, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(cond.eval()(x), base.eval()(x), rtol=0, atol=0)
+        first = next(p for p in cond.parameters() if p.ndim == 4 and p.shape[1] == 4)
+        first[:, 3].add_(0.5)
+        quiet, loud = cond(x * 0.1), cond(x)
+        assert not torch.allclose(cond(x), base(x))
+        # the channel follows the input's level: scaling the input changes what it reads
+        assert not torch.allclose(quiet * 10, loud, atol=1e-3)
+        fused = prepare_for_inference(cond)  # batch norm folded, channels last: float rounding only
+        torch.testing.assert_close(fused(x), cond(x), rtol=1e-3, atol=2e-3)
+    with pytest.raises(ModelError, match="noise_input"):
+        build_network("ResidualUNet", {**DEFAULT_3D, "noise_input": True})
+
+
 def test_mirror_indices_fold_half_sample_symmetric():
     assert mirror_indices(-2, 7, 4).tolist() == [1, 0, 0, 1, 2, 3, 3]
     assert mirror_indices(-1, 3, 1).tolist() == [0, 0, 0]

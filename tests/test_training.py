@@ -341,6 +341,18 @@ def test_fine_tuning_grows_a_single_slice_model_into_a_context_model(shared_data
     with pytest.raises(ModelError, match="differs"):
         train(_cfg(tmp_path / "bad", [nif / "example_ct_sm.nii.gz"], val_data=[str(nif / "cta_aorta_cropped.nii.gz")],
                    init_model=str(base.model_dir), architecture=None, context=2))
+    # --noise-input grows the 2.5-D model a fourth input channel (its measured noise level), at zero
+    rc = main([*common[:1], "-o", str(tmp_path / "level"), *common[1:-2], "--init-model", str(base.model_dir),
+               "--noise-input", "--steps-per-epoch", "1", "--lr", "1e-12"])
+    assert rc == 0, capsys.readouterr().err
+    level = json.loads((tmp_path / "level" / "card.json").read_text())
+    assert level["architecture"]["args"] == {**grown["architecture"]["args"], "noise_input": True}
+    w_level = load_model(tmp_path / "level").network.state_dict()
+    first = w_level[widened[0]]
+    assert first.shape[1] == 4 and first[:, 3].abs().max() < 1e-9
+    torch.testing.assert_close(first[:, :3], w_grown[widened[0]], rtol=0, atol=1e-9)
+    with pytest.raises(InputError, match="noise_input"):
+        _cfg(tmp_path / "3d", [nif / "example_ct_sm.nii.gz"], dims=3, patch_size=(16, 32, 32), noise_input=True).validate()
 
 
 def test_bad_inputs_fail_before_training(shared_data, tmp_path, cache):

@@ -57,6 +57,10 @@ class ResidualUNet(nn.Module):
             :class:`monai.networks.nets.UNet`.
         norm: ``"batch"`` or ``None``. Per-sample norms (instance, layer, group) are refused:
             they make tiled and whole-image results differ.
+        noise_input: 2-D only: give ``f`` one more input channel, constant over the image: the
+            noise level the network measures on the (centre) slice it is given
+            (:meth:`noise_level`, FFDNet-style conditioning on a level it estimates itself, so
+            callers pass the same input as to any other network).
 
     Input and output are float tensors in the model's normalised intensity units; any spatial
     size is accepted.
@@ -64,7 +68,8 @@ class ResidualUNet(nn.Module):
 
     def __init__(self, spatial_dims: int = 2, channels=(16, 32, 64, 128), strides=(2, 2, 2),
                  num_res_units: int = 0, norm: str | None = "batch", act: str = "PRELU",
-                 dropout: float = 0.0, kernel_size: int = 3, up_kernel_size: int = 3, context: int = 0):
+                 dropout: float = 0.0, kernel_size: int = 3, up_kernel_size: int = 3, context: int = 0,
+                 noise_input: bool = False):
         super().__init__()
         from monai.networks.nets import UNet
 
@@ -81,6 +86,8 @@ class ResidualUNet(nn.Module):
         if int(context) < 0 or (int(context) and spatial_dims != 2):
             raise ModelError(f"ResidualUNet: context slices need spatial_dims=2 and context >= 0, got "
                              f"context={context!r}, spatial_dims={spatial_dims!r}")
+        if noise_input and spatial_dims != 2:
+            raise ModelError("ResidualUNet: noise_input needs spatial_dims=2")
         if not isinstance(act, str):
             raise ModelError(f"ResidualUNet: act must be a MONAI activation name, got {act!r}")
         self.config: dict[str, Any] = {
@@ -89,17 +96,48 @@ class ResidualUNet(nn.Module):
             "dropout": float(dropout), "kernel_size": int(kernel_size), "up_kernel_size": int(up_kernel_size),
             "context": int(context),
         }
-        self.spatial_dims, self.context = int(spatial_dims), int(context)
+        if noise_input:  # only when set: the configs (and cards) of every other network stay as they were
+            self.config["noise_input"] = True
+        self.spatial_dims, self.context, self.noise_input = int(spatial_dims), int(context), bool(noise_input)
         self.multiple = int(math.prod(strides))
         self.branch = UNet(
-            spatial_dims=spatial_dims, in_channels=2 * int(context) + 1, out_channels=1, channels=channels,
+            spatial_dims=spatial_dims, in_channels=2 * int(context) + 1 + int(bool(noise_input)), out_channels=1,
+            channels=channels,
             strides=strides, num_res_units=int(num_res_units), norm=norm_name or (), act=act,
             dropout=float(dropout), kernel_size=int(kernel_size), up_kernel_size=int(up_kernel_size),
         )
         zero_last_layer(self)
 
+    @staticmethod
+    def noise_level(plane: torch.Tensor, size: int = 5, quantile: float = 0.25) -> torch.Tensor:
+        """``(B, 1, 1, 1)``: the noise SD of each ``(B, 1, H, W)`` plane, in its units.
+
+        The ``quantile`` of the local SDs in ``size x size`` windows (every window up to 128 px
+        a side, a regular subsample of them beyond), leaving out windows with no variation
+        (padding, outside the field of view): flat tissue sets the low quantiles, edges only
+        the upper ones. Not differentiated.
+        """
+        with torch.no_grad():
+            p = plane.float()
+            k = int(min(size, *p.shape[-2:]))
+            out = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+            if k >= 2:
+                step = max(1, min(p.shape[-2:]) // 128)
+                m = F.avg_pool2d(p, k, stride=step)
+                var = (F.avg_pool2d(p * p, k, stride=step) - m * m).clamp_min(0.0) * (k * k / (k * k - 1))
+                sd = var.sqrt().flatten(1)
+                for i, row in enumerate(sd):
+                    row = row[row > 1e-4]
+                    if row.numel():
+                        out[i] = torch.kthvalue(row, max(1, int(round(quantile * row.numel())))).values
+        return out.view(-1, 1, 1, 1).to(plane.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``(B, 2 * context + 1, *spatial)``; returns ``(B, 1, *spatial)``, centre + ``f(x)``."""
+        c = self.context
+        centre = x[:, c:c + 1]
+        if self.noise_input:  # the level channel is measured here, on what the network is given
+            x = torch.cat([x, self.noise_level(centre).expand_as(centre)], dim=1)
         spatial = x.shape[2:]
         pads: list[int] = []
         for size in reversed(spatial):  # F.pad wants the last axis first
@@ -113,8 +151,7 @@ class ResidualUNet(nn.Module):
             r = r[(Ellipsis, *reversed(crop))]
         else:
             r = self.branch(x)
-        c = self.context
-        return x[:, c:c + 1] + r.to(x.dtype)
+        return centre + r.to(centre.dtype)
 
 
 def zero_last_layer(net: ResidualUNet) -> None:
@@ -178,20 +215,26 @@ def mirror_indices(start: int, n: int, size: int) -> np.ndarray:
 
 
 def expand_context(state: dict[str, torch.Tensor], net: ResidualUNet) -> dict[str, torch.Tensor]:
-    """Weights of a single-slice network laid into ``net`` with context slices (a warm start).
+    """Weights of a network with fewer input channels laid into ``net`` (a warm start).
 
-    Every input-layer kernel ``(out, 1, ...)`` goes to the centre channel, the neighbours' kernels
-    start at zero: the expanded network computes exactly what the single-slice one did.
+    A single-slice network's input-layer kernels ``(out, 1, ...)`` go to the centre channel; a
+    network without ``noise_input`` keeps its kernels on the slice channels. The new channels'
+    kernels (neighbour slices, noise level) start at zero: the grown network computes exactly
+    what the smaller one did.
     """
     own = net.state_dict()
+    slices = 2 * net.context + 1
     out = {}
     for key, value in state.items():
         target = own.get(key)
-        if target is not None and value.shape != target.shape and value.ndim >= 2 and value.shape[1] == 1 \
-                and target.shape[1] == 2 * net.context + 1 and value.shape[2:] == target.shape[2:] \
-                and value.shape[0] == target.shape[0]:
+        if target is not None and value.shape != target.shape and value.ndim >= 2 \
+                and target.shape[1] == slices + int(net.noise_input) and value.shape[2:] == target.shape[2:] \
+                and value.shape[0] == target.shape[0] and value.shape[1] in (1, slices):
             grown = torch.zeros_like(target)
-            grown[:, net.context] = value[:, 0]
+            if value.shape[1] == 1:
+                grown[:, net.context] = value[:, 0]
+            else:
+                grown[:, :slices] = value
             value = grown
         out[key] = value
     return out

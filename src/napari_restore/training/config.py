@@ -42,7 +42,10 @@ class TrainConfig:
         task, modality (``auto`` = from the data), dims (2: slices, 3: patches), architecture
         (``ResidualUNet`` arguments; ``None`` = the default for ``dims``), context (2-D: neighbouring
         slices on each side as extra input channels, "2.5-D"; ``None`` = the architecture's or the
-        init model's; a single-slice init model is widened, starting as the same function), intensity (card spec;
+        init model's; a single-slice init model is widened, starting as the same function), noise_input
+        (2-D: the network measures the noise level of the slice it is given and reads it as one more
+        input channel, FFDNet-style; an init model without it is widened, starting as the same
+        function), intensity (card spec;
         ``None`` = the modality default), init_model (fine-tune from an installed model name or a
         model folder / bundle path), resume (a checkpoint file or a run folder: continues from its
         last saved step).
@@ -112,6 +115,7 @@ class TrainConfig:
     dims: int = 2
     architecture: dict[str, Any] | None = None
     context: int | None = None
+    noise_input: bool = False
     intensity: dict[str, Any] | None = None
     init_model: str | None = None
     resume: str | None = None
@@ -195,6 +199,8 @@ class TrainConfig:
             raise bad(f"modality must be 'auto', 'CT' or 'MR', got {self.modality!r}")
         if self.dims not in (2, 3):
             raise bad(f"dims must be 2 or 3, got {self.dims!r}")
+        if self.noise_input and self.dims != 2:
+            raise bad("noise_input (the measured noise level as an input channel) needs dims=2")
         if self.context is not None and (int(self.context) < 0 or (int(self.context) and self.dims != 2)):
             raise bad(f"context (neighbouring slices per side) must be >= 0 and needs dims=2, got {self.context!r}")
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -368,6 +374,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                    help="residual units per U-Net level (default 0: one plain convolution)")
     p.add_argument("--context", type=int, default=None,
                    help="2-D: neighbouring slices on each side as extra input channels (2.5-D; default 0)")
+    p.add_argument("--noise-input", action="store_true",
+                   help="2-D: the network measures the slice's noise level and reads it as an extra input channel "
+                        "(FFDNet-style; an init model without it starts as the same function)")
     p.add_argument("--intensity-scale", type=float, default=None, help="CT: HU per network unit (default 512)")
     p.add_argument("--init-model", default=None, help="fine-tune from an installed model name or a model/bundle folder (default: train from scratch)")
     p.add_argument("--resume", default=None, help="checkpoint file or run folder to continue from (default: a new run)")

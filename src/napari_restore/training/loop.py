@@ -116,6 +116,44 @@ def train(config: TrainConfig, progress: Callable[[int, int], Any] | None = None
         teardown(info)
 
 
+def _new_args(cfg: TrainConfig) -> dict[str, Any]:
+    """ResidualUNet arguments of a network trained from scratch."""
+    from ..networks import DEFAULT_2D, DEFAULT_3D
+
+    args = dict(cfg.architecture) if cfg.architecture else dict(DEFAULT_2D if cfg.dims == 2 else DEFAULT_3D)
+    args["spatial_dims"] = cfg.dims
+    if cfg.context is not None:
+        args["context"] = int(cfg.context)
+    if cfg.noise_input:
+        args["noise_input"] = True
+    return args
+
+
+def _warm_start(cfg: TrainConfig, init_card: Any, arch: dict[str, Any],
+                state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(architecture, weights) of a fine-tune from ``init_card``'s network ``arch`` / ``state``.
+
+    A warm start may add context slices (to a single-slice network) and the noise-level channel;
+    the grown network starts as the same function. Any other difference is refused."""
+    from ..networks import build_network, expand_context
+
+    wanted = build_network("ResidualUNet", cfg.architecture).config if cfg.architecture is not None else arch["args"]
+    if cfg.context is not None:
+        wanted = {**wanted, "context": int(cfg.context)}
+    if cfg.noise_input:
+        wanted = {**wanted, "noise_input": True}
+    grown = ("context", "noise_input")
+    if {k: v for k, v in wanted.items() if k not in grown} != {k: v for k, v in arch["args"].items() if k not in grown} \
+            or arch["args"]["context"] not in (0, wanted["context"]) \
+            or (arch["args"].get("noise_input") and not wanted.get("noise_input")):
+        raise ModelError(f"init_model {init_card.name!r} has architecture {arch['args']}, which differs from "
+                         f"the requested {wanted}", init_card.path)
+    if wanted == arch["args"]:
+        return arch, state
+    net = build_network("ResidualUNet", wanted)
+    return {"name": "ResidualUNet", "args": net.config}, expand_context(state, net)
+
+
 class _Run:
     def __init__(self, cfg: TrainConfig, info: DistInfo, progress, cancel):
         self.cfg, self.info, self.progress, self.cancel = cfg, info, progress, cancel
@@ -132,7 +170,7 @@ class _Run:
         np.random.seed(cfg.seed % 2**32)
 
         from ..models import load_model
-        from ..networks import DEFAULT_2D, DEFAULT_3D, build_network, expand_context, network_spec
+        from ..networks import build_network, network_spec
 
         self.ckpt = read_checkpoint(cfg.resume) if cfg.resume else None
         self.teacher: EnsembleTargets | None = None  # distill_ensemble: towards the init model's self-ensemble
@@ -147,21 +185,9 @@ class _Run:
             arch = network_spec(loaded.network)
             if cfg.distill_ensemble:
                 self.teacher = EnsembleTargets(loaded.network, cfg.distill_ensemble, cfg.distill_weight, self.info.device)
-            wanted = build_network("ResidualUNet", cfg.architecture).config if cfg.architecture is not None else arch["args"]
-            if cfg.context is not None:
-                wanted = {**wanted, "context": int(cfg.context)}
-            if {**wanted, "context": 0} != {**arch["args"], "context": 0} or arch["args"]["context"] not in (0, wanted["context"]):
-                raise ModelError(f"init_model {init_card.name!r} has architecture {arch['args']}, which differs from "
-                                 f"the requested {wanted}", init_card.path)
-            if wanted != arch["args"]:  # a single-slice model grows context slices (warm start: same function)
-                arch = {"name": "ResidualUNet", "args": build_network("ResidualUNet", wanted).config}
-                init_state = expand_context(init_state, build_network("ResidualUNet", wanted))
+            arch, init_state = _warm_start(cfg, init_card, arch, init_state)
         else:
-            args = dict(cfg.architecture) if cfg.architecture else dict(DEFAULT_2D if cfg.dims == 2 else DEFAULT_3D)
-            args["spatial_dims"] = cfg.dims
-            if cfg.context is not None:
-                args["context"] = int(cfg.context)
-            arch = {"name": "ResidualUNet", "args": build_network("ResidualUNet", args).config}
+            arch = {"name": "ResidualUNet", "args": build_network("ResidualUNet", _new_args(cfg)).config}
         self.arch = arch
         self.context = int(arch["args"]["context"])  # always present: built by build_network
         if cfg.single_slice_fraction and not self.context:
