@@ -128,7 +128,7 @@ def test_noise_input_network_measures_the_level_and_grows_from_one_without_it():
     # the level: the low quantile of local SDs, blind to constant padding and to a few edges
     flat = torch.randn(1, 1, 200, 200, generator=g) * 0.3
     padded = torch.nn.functional.pad(flat, (60, 60, 60, 60), value=-8.0)  # outside the field of view
-    steps = flat + (torch.arange(200)[None, None, None, :] // 25 % 2) * 2.0  # 8 strong edges across
+    steps = flat + (torch.arange(200)[None, None, None, :] // 25 % 2) * 2.0  # 7 strong edges across
     level = ResidualUNet.noise_level(torch.cat([flat, padded[..., :200, :200], steps]))
     assert level.shape == (3, 1, 1, 1)
     assert 0.8 * 0.3 < float(level[0]) < 1.0 * 0.3
