@@ -312,3 +312,51 @@ def test_missing_positions_refused(tmp_path, shared_data):
         ds.save_as(series / f.name)
     with pytest.raises(nr.InputError, match="ImagePositionPatient"):
         nr.load(series)
+
+
+def test_corrupt_ct_stream_is_reported_by_name(shared_data):
+    """A broken JPEG Lossless stream decodes without a decoder error into stripes of -33792..31743 HU:
+    the load names the file; genuine CT with -3024 padding (CT1_JLSN) or lossy padding spread to
+    -3995 (693_J2KI) reads without that warning."""
+    rel = "fixtures/pylibjpeg/JPEGLossless/JPEGLossless_1s_1f_i_16_16_bad.dcm"
+    with pytest.warns(UserWarning, match="implausible for CT"):
+        vol = _load_one(shared_data / rel)
+    (w,) = [w for w in vol.meta["warnings"] if "implausible for CT" in w]
+    assert Path(rel).name in w and "corrupt" in w
+    for good in ("fixtures/pylibjpeg/JPEGLS/CT1_JLSN.dcm", "fixtures/pylibjpeg/JPEG2000/693_J2KI.dcm",
+                 "fixtures/pylibjpeg/JPEG2000/MAROTECH_CT_JP2Lossy.dcm"):
+        assert not any("implausible" in w for w in _load_one(shared_data / good).meta["warnings"]), good
+
+
+def test_one_garbled_slice_of_a_series_is_named(tmp_path, shared_data):
+    series = tmp_path / "series"
+    series.mkdir()
+    files = sorted((shared_data / "ct/philips-head-phantom/exam/S2010").glob("I*"))[:4]
+    for f in files:
+        shutil.copy(f, series / f.name)
+    victim = series / files[2].name
+    ds = pydicom.dcmread(victim)
+    rng = np.random.default_rng(0)
+    stripes = np.repeat(rng.integers(0, 4096, size=(ds.Rows, 1)), ds.Columns, axis=1).astype(np.uint16)
+    ds.BitsStored, ds.HighBit, ds.RescaleSlope = 16, 15, 16  # a wrong rescale: values to 65 000 HU
+    ds.PixelData = stripes.tobytes()
+    ds.save_as(victim)
+    with pytest.warns(UserWarning, match="implausible for CT"):
+        vol = _load_one(series)
+    (w,) = [w for w in vol.meta["warnings"] if "implausible for CT" in w]
+    assert "in 1 slice(s)" in w and victim.name in w
+    assert not any(f.name in w for f in files if f.name != victim.name)
+
+
+def test_padding_and_metal_are_plausible_ct():
+    from napari_restore.io.plausibility import IMPLAUSIBLE_SLICE_FRACTION, implausible_ct_slices
+
+    img = np.full((3, 64, 64), 40.0, np.float32)
+    img[:, :, :24] = -33792.0            # Philips-style padding (-32768 raw, intercept -1024): 37 % of a slice
+    img[1, 30:33, 30:40] = 25_000.0       # metal on an extended CT scale: 0.7 % of the slice
+    assert implausible_ct_slices(img) == []
+    img[2, ::2, 24:] = np.linspace(-30_000, 30_000, 40)  # stripes over the other 63 % of half the rows
+    ((k, share),) = implausible_ct_slices(img)
+    assert k == 2 and IMPLAUSIBLE_SLICE_FRACTION < share < 0.33
+    # (t, z, y, x): slice index t * nz + z
+    assert [k for k, _ in implausible_ct_slices(np.stack([img, img[::-1]]))] == [2, 3]

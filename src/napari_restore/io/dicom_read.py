@@ -32,6 +32,7 @@ from .dicom_frames import DICOMDIR_CLASS, Frame, NotImage, frames_of, sop_class 
 from .dicom_frames import (_check_memory, _dicomdir_files, _fg, _float, _frame_shape, _is_dicomdir, _n_frames, _num,
                            _pixels)
 from .dicom_safe import burned_in as _burned_in
+from .plausibility import CT_PLAUSIBLE_HU, implausible_ct_slices
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +248,13 @@ def build_volume(series: Series) -> Volume:
         bad = ~np.isfinite(array)
         warnings.append(f"{int(bad.sum())} non-finite voxels (NaN/inf from the rescale) set to 0")
         array[bad] = 0
+    h = first.header
+    modality = str(h.get("Modality", "OT") or "OT")
+    if modality == "CT":
+        warnings.extend(_implausible_ct(array, stacks))
     if nt == 1:
         array = array[0]
 
-    h = first.header
-    modality = str(h.get("Modality", "OT") or "OT")
     slice_distance = abs(float(step @ normal))
     meta: dict[str, Any] = {
         "source_path": str(_common_parent([f.path for f in frames])),
@@ -291,6 +294,21 @@ def build_volume(series: Series) -> Volume:
     for w in warnings:
         _warnings.warn(f"{meta['source_path']}: {w}", stacklevel=2)
     return Volume(array, affine, modality, meta)
+
+
+def _implausible_ct(array: np.ndarray, stacks: list[list[Frame]]) -> list[str]:
+    """A warning naming the files whose decoded values cannot be CT (``array``: ``(t, z, y, x)`` HU)."""
+    found = implausible_ct_slices(array)  # slice index t * nz + z
+    if not found:
+        return []
+    nz = array.shape[1]
+    names = sorted({stacks[i % nz][i // nz].path.name for i, _ in found})
+    worst = max(share for _, share in found)
+    lo, hi = CT_PLAUSIBLE_HU
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return [f"pixel values implausible for CT in {len(found)} slice(s) ({shown}): up to {100 * worst:.0f} % of a "
+            f"slice lies outside {lo:g}..{hi:g} HU (its padding value aside). The pixel data may be corrupt or its "
+            "rescale slope/intercept wrong; look at it before trusting it or a restoration of it"]
 
 
 # ----------------------------------------------------------------------------- grouping
