@@ -627,3 +627,43 @@ def test_distilling_the_self_ensemble_moves_the_target_towards_the_init_models_a
                        distill_ensemble=2, epochs=1, steps_per_epoch=2, lr=1e-4))
     card = json.loads((tuned.model_dir / "card.json").read_text())
     assert card["training"]["config"]["distill_ensemble"] == 2 and np.isfinite(card["metrics"]["val_psnr"])
+
+
+def test_keep_last_saves_the_end_of_the_schedule_not_the_best_validation_epoch(shared_data, tmp_path, cache,
+                                                                                monkeypatch):
+    """A validation set that does not stand for the target conditions should not pick the weights:
+    ``keep="last"`` saves the last epoch's weights and card figures, ``"best"`` (the default) the best epoch's."""
+    from napari_restore.models import load_weights
+    from napari_restore.training import loop
+    from napari_restore.training.loop import read_checkpoint
+
+    kw = dict(epochs=4, val_data=[str(shared_data / "ct/nifti/cta_pulmonary_cropped.nii.gz")],
+              cache_dir=str(cache), dose_range=(0.25, 0.25))
+    validate = loop._Run.validate
+
+    def best_at_epoch_2(self):  # the real validation, then a loss that is lowest after epoch 2
+        val = validate(self)
+        if self.epoch > 0:
+            val["val_loss"] = {1: 3.0, 2: 1.0, 3: 2.0, 4: 4.0}[self.epoch]
+        return val
+
+    monkeypatch.setattr(loop._Run, "validate", best_at_epoch_2)
+    runs = {}
+    for keep in ("best", "last"):
+        result = train(_cfg(tmp_path / keep, [shared_data / "ct/nifti/example_ct_sm.nii.gz"], keep=keep, **kw))
+        saved = load_weights(result.model_dir / "model.pt")
+        card = json.loads((result.model_dir / "card.json").read_text())
+        runs[keep] = (result, saved, card)
+    (best_run, best_saved, best_card), (last_run, last_saved, last_card) = runs["best"], runs["last"]
+    assert [r["val_loss"] for r in best_run.history] == [r["val_loss"] for r in last_run.history]  # same seed
+    assert best_run.best["epoch"] == 2 and last_run.history[-1]["epoch"] == 4
+    last_ck = read_checkpoint(last_run.run_dir / "last.pt")["model"]
+    best_ck = read_checkpoint(best_run.run_dir / "best.pt")["model"]
+    assert all(torch.equal(last_saved[k], last_ck[k]) for k in last_ck)
+    assert all(torch.equal(best_saved[k], best_ck[k]) for k in best_ck)
+    assert not all(torch.equal(last_saved[k], best_saved[k]) for k in last_ck)
+    assert last_card["metrics"]["val_loss"] == pytest.approx(last_run.history[-1]["val_loss"], rel=1e-4)
+    assert last_card["metrics"]["kept"] == "last epoch" and "kept" not in best_card["metrics"]
+    assert best_card["metrics"]["val_loss"] == pytest.approx(best_run.best["val_loss"], rel=1e-4)
+    with pytest.raises(InputError, match="keep must be one of"):
+        train(_cfg(tmp_path / "bad", [shared_data / "ct/nifti/example_ct_sm.nii.gz"], keep="first", **kw))

@@ -215,6 +215,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         line = f"wrote {result.model_dir} after {result.epochs} epochs ({result.steps} steps, {result.seconds:.0f} s)"
         if best.get("val_psnr") is not None:
             line += f"; best validation PSNR {best['val_psnr']:.2f} dB (degraded input {base.get('val_psnr', float('nan')):.2f} dB)"
+            if args.keep == "last" and result.history:
+                line += f"; kept the last epoch ({result.history[-1].get('val_psnr', float('nan')):.2f} dB)"
         print(line)
     return EXIT_OK
 

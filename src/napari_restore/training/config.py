@@ -21,6 +21,7 @@ MODES = ("supervised", "paired", "self-supervised")
 SELF_SUPERVISED = ("n2n", "n2v")
 SCHEDULES = ("cosine", "plateau", "none")
 LOSSES = ("l1", "mse", "psnr")
+KEEP_CHOICES = ("best", "last")
 
 
 @dataclass
@@ -90,8 +91,10 @@ class TrainConfig:
         patch_size, batch_size, epochs, steps_per_epoch, lr, weight_decay, schedule, loss,
         ssim_weight (weight of MONAI ``SSIMLoss`` added to L1/MSE), patience (early stopping on
         validation loss, 0 = off), max_minutes (stop after the first epoch that ends past this
-        wall time, keeping the best checkpoint, with a cosine schedule spanning that time;
-        0 = no limit), val_slices (validation
+        wall time, with a cosine schedule spanning that time; 0 = no limit), keep (which weights
+        the model folder gets: ``"best"``, the epoch of the lowest validation loss, or ``"last"``,
+        the end of the schedule, for a validation set that does not stand for the conditions the
+        model is for), val_slices (validation
         slices/patches per volume, at most), val_crop (in-plane crop side of validation slices, 0 = whole slices), augment, jitter
         (relative intensity jitter, applied to input and target alike), reslice (2-D: also draw
         training slices across the other two axes of series whose voxels are near-isotropic,
@@ -153,6 +156,7 @@ class TrainConfig:
     ssim_weight: float = 0.0
     patience: int = 10
     max_minutes: float = 0.0
+    keep: str = "best"
     val_slices: int = 8
     val_crop: int = 256
     augment: bool = True
@@ -219,6 +223,8 @@ class TrainConfig:
             raise bad(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.loss not in LOSSES:
             raise bad(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.keep not in KEEP_CHOICES:
+            raise bad(f"keep must be one of {KEEP_CHOICES}, got {self.keep!r}")
         if self.self_supervised not in SELF_SUPERVISED:
             raise bad(f"self_supervised must be one of {SELF_SUPERVISED}, got {self.self_supervised!r}")
         if self.ct_noise_method not in ("image", "projection"):
@@ -315,7 +321,7 @@ class TrainResult:
         epochs, steps: epochs and optimiser steps done in total (including resumed ones).
         stopped_early: early stopping ended the run.
         seconds: wall time of this call.
-        network: the final (best) network, unwrapped from DDP, eval mode, on the CPU.
+        network: the network the model folder holds (the best epoch, or the last with ``keep="last"``), unwrapped from DDP, eval mode, on the CPU.
         world_size: number of processes that trained (DDP).
     """
 
@@ -457,6 +463,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--max-minutes", type=float, default=d.max_minutes,
                    help="stop after the epoch that ends past this many minutes; a cosine schedule "
                         "then spans this time (0 = no limit)")
+    p.add_argument("--keep", choices=KEEP_CHOICES, default=d.keep,
+                   help="the weights the model gets: the epoch of the best validation loss, or the last epoch")
     p.add_argument("--val-slices", type=int, default=d.val_slices,
                    help="validation slices (2-D) or patches (3-D) per volume, at most")
     p.add_argument("--val-crop", type=int, default=d.val_crop,

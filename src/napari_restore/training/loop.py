@@ -530,7 +530,7 @@ class _Run:
     def finish(self, run_dir: Path, stopped_early: bool) -> TrainResult:
         cfg, info = self.cfg, self.info
         net = unwrap(self.net)
-        if self.best_state is not None:
+        if self.best_state is not None and cfg.keep == "best":
             net.load_state_dict(self.best_state)
         net = net.to("cpu").eval()
         if info.is_main:
@@ -546,9 +546,12 @@ def _model_card(run: _Run) -> dict[str, Any]:
     """The trained model's card: metrics against the input and the initial model, what it was trained on."""
     cfg = run.cfg
     metrics: dict[str, Any] = {"epochs": run.epoch, "steps": run.step}
+    kept = run.history[-1] if cfg.keep == "last" and run.history else run.best  # the weights the folder holds
+    if cfg.keep == "last":
+        metrics["kept"] = "last epoch"
     for k in ("val_loss", "val_psnr", "val_ssim"):
-        if run.best.get(k) is not None:
-            metrics[k] = float(f"{float(run.best[k]):.6g}")
+        if kept.get(k) is not None:
+            metrics[k] = float(f"{float(kept[k]):.6g}")
         if run.base.get(k) is not None:
             metrics[k + "_input"] = float(f"{float(run.base[k]):.6g}")
         if run.init_val.get(k) is not None:
