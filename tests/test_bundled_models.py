@@ -141,10 +141,12 @@ def test_deblur_mr_sharpens_unseen_blurred_mr(shared_data):
         gains[name] = np.array([psnr(c, o, rng) - psnr(c, b, rng)
                                 for c, o, b in zip(clean[inner], out.array[inner], blurred[inner])])
         assert gains[name].min() > 0.0  # no slice gets worse than its degraded input
-        assert gains[name].mean() > 3.0  # measured 5.7 and 6.7 dB
-    # the 2.5-D model is better on every slice (both average over rotations): worst +0.17 dB
+    # measured +2.34 and +0.79 dB (0.2.0: 6.7 and 5.7): the 0.3.0 models, which leave a sharp image sharp,
+    # restore less of a blur this strong with this little noise (docs/robustness.md: MR FWHM 2, noise 1 %)
+    assert gains["deblur-mr-25d"].mean() > 1.5 and gains["deblur-mr"].mean() > 0.4, gains
+    # the 2.5-D model is better on every slice (both average over rotations): worst +0.48 dB
     better = gains["deblur-mr-25d"] - gains["deblur-mr"]
-    assert better.min() > 0.05 and better.mean() > 0.6, better  # measured mean +0.97 dB (one 2-D pass: +1.46)
+    assert better.min() > 0.2 and better.mean() > 1.0, better  # measured mean +1.55 dB
 
 
 def test_default_ct_model_on_a_fixed_subset_of_the_condition_matrix(shared_data):
@@ -173,9 +175,9 @@ def test_default_ct_model_on_a_fixed_subset_of_the_condition_matrix(shared_data)
 def test_default_ct_deblurrer_on_a_fixed_subset_of_the_condition_matrix(shared_data):
     """Three cells of docs/robustness.md's CT deblurring matrix on the unseen Siemens body CT (one
     slice, 128 px): FWHM 2 voxels with 1 % noise (well above Richardson-Lucy given the true PSF),
-    FWHM 3 with 0.25 % (far above its input), and the known loss, FWHM 1 with 0.25 % noise: an image
-    that is already sharp, which the model over-sharpens (below its input; 0.1.0: -10.4 dB). The guard
-    says so in that cell only (the input's edge spread)."""
+    FWHM 3 with 0.25 % (above its input, below RL), and FWHM 1 with 0.25 % noise: an image that is
+    already sharp, which 0.4.0 leaves as it is (0.3.0 over-sharpened it: -5.66 dB; 0.1.0: -10.4 dB).
+    The guard still says that the input is already sharp in that cell only (the input's edge spread)."""
     from napari_restore import robustness as R
     from napari_restore.models import load_model
 
@@ -187,7 +189,7 @@ def test_default_ct_deblurrer_on_a_fixed_subset_of_the_condition_matrix(shared_d
         margins[fwhm] = cell.scores["deblur-ct"]["psnr"] - cell.scores["rl"]["psnr"]
         gains[fwhm] = cell.gain("deblur-ct")
         guard[fwhm] = sorted(cell.scores["deblur-ct"]["guard"])
-    assert margins[2.0] > 1.5 and gains[2.0] > 1.5, (margins, gains)  # +2.23 over RL, +2.32 over the input
-    assert gains[3.0] > 2.5 and margins[3.0] > -0.5, (margins, gains)  # +3.68, +0.34
-    assert min(gains, key=gains.get) == 1.0 and gains[1.0] > -8.0, gains  # -5.66 dB (0.2.0, one pass: -6.96): a known loss
+    assert margins[2.0] > 1.5 and gains[2.0] > 1.5, (margins, gains)  # +2.09 over RL, +2.18 over the input
+    assert gains[3.0] > 1.5 and margins[3.0] > -2.0, (margins, gains)  # +2.13, -1.21 (0.3.0: +3.68, +0.34)
+    assert gains[1.0] > -0.3 and margins[1.0] > -0.3, (margins, gains)  # -0.00, +0.07: a sharp image stays sharp
     assert guard == {2.0: [], 3.0: [], 1.0: ["edge_fwhm_voxels"]}, guard

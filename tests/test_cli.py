@@ -97,7 +97,7 @@ def test_series_selection_and_info(shared_data, tiny_model, tmp_path, capsys):
     assert "#0:" in listing and "(140, 512, 512)" in listing and "(28, 512, 512)" in listing
     assert main(["info"]) == EXIT_OK  # the installed models, with what sets them apart
     models = capsys.readouterr().out
-    assert "deblur-mr-25d 0.2.0  task=deblur modality=MR 2D context=1 slices<=2mm self-ensemble=8  [bundled]" in models
+    assert "deblur-mr-25d 0.3.0  task=deblur modality=MR 2D context=1 slices<=2mm self-ensemble=8  [bundled]" in models
     assert "denoise-ct 0.3.0  task=denoise modality=CT 2D  [bundled]" in models
     out = tmp_path / "thick.nii.gz"
     assert main(["restore", str(exam), str(out), "--series", "201", "--model", str(tiny_model)]) == EXIT_OK

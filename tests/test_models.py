@@ -210,3 +210,28 @@ def test_card_repr_is_one_short_line():
     cards = list_models()
     assert cards and len(repr(cards)) < 300 * len(cards)  # no training history in the repr
     assert all("\n" not in repr(c) and c.name in repr(c) for c in cards)
+
+
+def test_a_fine_tune_below_its_start_on_validation_is_auto_eligible_only_when_the_matrix_shows_less_harm():
+    """The validation slices are drawn from the training range and can miss the mild conditions where
+    a restorer harms (a deblurrer given a sharp image): a card whose condition matrix shows less
+    summed loss below the input and a better worst cell than the version it replaces stays eligible."""
+    def card(now=None, prev=None):
+        metrics = {"psnr_gain_db": 1.3, "val_psnr": 27.1, "val_psnr_init": 28.0}
+        if now is not None:
+            metrics["condition_matrix"] = now
+        if prev is not None:
+            metrics["previous_version"] = {"version": "0.3.0", "condition_matrix": prev}
+        return ModelCard.from_dict(tiny_card(metrics=metrics))
+
+    old = {"cells": 45, "harm_db": 27.4, "worst_gain_over_input_db": -6.53}
+    safer = {"cells": 45, "harm_db": 11.2, "worst_gain_over_input_db": -3.80}
+    assert card().auto_eligible() is False  # below its start, nothing else to go on
+    assert card(safer, old).auto_eligible() is True
+    assert card(old, safer).auto_eligible() is False  # more harm than the version it replaces
+    assert card({**safer, "worst_gain_over_input_db": -7.0}, old).auto_eligible() is False  # a worse worst cell
+    assert card({**safer, "cells": 44}, old).auto_eligible() is False  # not the same matrix
+    assert card({**safer, "harm_db": "less"}, old).auto_eligible() is False
+    below_input = ModelCard.from_dict(tiny_card(metrics={"psnr_gain_db": -0.1, "condition_matrix": safer,
+                                                         "previous_version": {"condition_matrix": old}}))
+    assert below_input.auto_eligible() is False  # worse than its own input on validation: never

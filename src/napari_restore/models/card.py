@@ -215,17 +215,35 @@ class ModelCard:
     def auto_eligible(self) -> bool:
         """Whether "Auto" may pick this model: it is not worse than its input on its own validation
         data (``psnr_gain_db`` >= 0), and a fine-tuned model beats the model it started from on the
-        same validation data (``val_psnr`` > ``val_psnr_init``, else ``val_loss`` < ``val_loss_init``).
+        same validation data (``val_psnr`` > ``val_psnr_init``, else ``val_loss`` < ``val_loss_init``),
+        or does less harm than it across the condition matrix (:meth:`less_harm_than_previous`).
         A model that fails is still listed and can be chosen by name."""
         m = self.metrics or {}
         num = lambda k: isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)  # noqa: E731
         if num("psnr_gain_db") and m["psnr_gain_db"] < 0:
             return False
         if num("val_psnr") and num("val_psnr_init"):
-            return m["val_psnr"] > m["val_psnr_init"]
+            return m["val_psnr"] > m["val_psnr_init"] or self.less_harm_than_previous()
         if num("val_loss") and num("val_loss_init"):
-            return m["val_loss"] < m["val_loss_init"]
+            return m["val_loss"] < m["val_loss_init"] or self.less_harm_than_previous()
         return True
+
+    def less_harm_than_previous(self) -> bool:
+        """Whether the card's condition matrix (``metrics.condition_matrix``, unseen series x conditions)
+        shows this model further from harm than the version it replaces
+        (``metrics.previous_version.condition_matrix``, the same cells): less summed loss below the
+        input (``harm_db``, dB) and a better worst cell (``worst_gain_over_input_db``). A validation
+        set drawn from the training range can miss the mild conditions where a restorer does harm
+        (a deblurrer given a sharp image); the matrix has them."""
+        m = self.metrics or {}
+        now = m.get("condition_matrix")
+        prev = (m.get("previous_version") or {}).get("condition_matrix") if isinstance(m.get("previous_version"), dict) else None
+        keys = ("harm_db", "worst_gain_over_input_db", "cells")
+        ok = lambda d: isinstance(d, dict) and all(  # noqa: E731
+            isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool) for k in keys)
+        if not (ok(now) and ok(prev)) or now["cells"] != prev["cells"]:
+            return False
+        return now["harm_db"] < prev["harm_db"] and now["worst_gain_over_input_db"] > prev["worst_gain_over_input_db"]
 
     def version_key(self) -> tuple[int, ...]:
         """``"1.10.2"`` -> ``(1, 10, 2)``; non-numeric parts count as 0."""
