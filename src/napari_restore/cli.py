@@ -211,13 +211,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     result = train(config_from_args(args))
     if int(os.environ.get("RANK", "0")) == 0:
-        best, base = result.best, result.baseline
-        line = f"wrote {result.model_dir} after {result.epochs} epochs ({result.steps} steps, {result.seconds:.0f} s)"
-        if best.get("val_psnr") is not None:
-            line += f"; best validation PSNR {best['val_psnr']:.2f} dB (degraded input {base.get('val_psnr', float('nan')):.2f} dB)"
-            if args.keep == "last" and result.history:
-                line += f"; kept the last epoch ({result.history[-1].get('val_psnr', float('nan')):.2f} dB)"
-        print(line)
+        print(result.summary(args.keep))
     return EXIT_OK
 
 

@@ -219,7 +219,7 @@ class ModelCard:
         or does less harm than it across the condition matrix (:meth:`less_harm_than_previous`).
         A model that fails is still listed and can be chosen by name."""
         m = self.metrics or {}
-        num = lambda k: isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)  # noqa: E731
+        num = lambda k: _is_number(m.get(k))  # noqa: E731
         if num("psnr_gain_db") and m["psnr_gain_db"] < 0:
             return False
         if num("val_psnr") and num("val_psnr_init"):
@@ -236,11 +236,10 @@ class ModelCard:
         set drawn from the training range can miss the mild conditions where a restorer does harm
         (a deblurrer given a sharp image); the matrix has them."""
         m = self.metrics or {}
-        now = m.get("condition_matrix")
-        prev = (m.get("previous_version") or {}).get("condition_matrix") if isinstance(m.get("previous_version"), dict) else None
-        keys = ("harm_db", "worst_gain_over_input_db", "cells")
+        previous = m.get("previous_version")
+        now, prev = m.get("condition_matrix"), previous.get("condition_matrix") if isinstance(previous, dict) else None
         ok = lambda d: isinstance(d, dict) and all(  # noqa: E731
-            isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool) for k in keys)
+            _is_number(d.get(k)) for k in ("harm_db", "worst_gain_over_input_db", "cells"))
         if not (ok(now) and ok(prev)) or now["cells"] != prev["cells"]:
             return False
         return now["harm_db"] < prev["harm_db"] and now["worst_gain_over_input_db"] > prev["worst_gain_over_input_db"]
@@ -248,6 +247,11 @@ class ModelCard:
     def version_key(self) -> tuple[int, ...]:
         """``"1.10.2"`` -> ``(1, 10, 2)``; non-numeric parts count as 0."""
         return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.\-+]", self.version))
+
+
+def _is_number(value: Any) -> bool:
+    """A JSON number (``True``/``False`` are not)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 __all__ = ["ModelCard", "TASKS", "MODALITIES", "FORMAT_VERSION"]

@@ -23,16 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; resume with --resume <run folder>", file=sys.stderr)
         return 130
-    best = result.best
-    msg = f"saved {result.model_dir} after {result.epochs} epochs ({result.steps} steps, {result.seconds:.0f} s)"
-    if best.get("val_psnr") is not None:
-        msg += f"; best validation PSNR {best['val_psnr']:.2f} dB (input {result.baseline.get('val_psnr', float('nan')):.2f} dB)"
-        if ns.keep == "last" and result.history:
-            msg += f"; kept the last epoch ({result.history[-1].get('val_psnr', float('nan')):.2f} dB)"
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
-        print(msg)
+        print(result.summary(ns.keep))
     return 0
 
 

@@ -337,6 +337,16 @@ class TrainResult:
     network: Any = None
     world_size: int = 1
 
+    def summary(self, keep: str = "best") -> str:
+        """One line for the terminal: where the model went, how long it trained, its validation PSNR."""
+        line = f"saved {self.model_dir} after {self.epochs} epochs ({self.steps} steps, {self.seconds:.0f} s)"
+        if self.best.get("val_psnr") is not None:
+            line += (f"; best validation PSNR {self.best['val_psnr']:.2f} dB "
+                     f"(degraded input {self.baseline.get('val_psnr', float('nan')):.2f} dB)")
+            if keep == "last" and self.history:
+                line += f"; kept the last epoch ({self.history[-1].get('val_psnr', float('nan')):.2f} dB)"
+        return line
+
 
 # ---------------------------------------------------------------------------- argparse
 def _floats2(text: str) -> tuple[float, float]:
