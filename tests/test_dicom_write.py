@@ -199,6 +199,61 @@ def test_ct_references_each_source_slice(ct):
                                    np.array(src.ImagePositionPatient, float), atol=1e-3)
 
 
+def _written_datasets(monkeypatch) -> list[tuple[str, pydicom.Dataset]]:
+    """Record (file name, a deep copy of the dataset) for every file the series writer writes."""
+    from napari_restore.io import dicom_encode
+
+    seen: list[tuple[str, pydicom.Dataset]] = []
+    real = dicom_encode.SharedElementWriter.write
+
+    def write(self, path, ds):
+        real(self, path, ds)
+        seen.append((Path(path).name, copy.deepcopy(ds)))
+
+    monkeypatch.setattr(dicom_encode.SharedElementWriter, "write", write)
+    return seen
+
+
+def _pydicom_bytes(ds: pydicom.Dataset) -> bytes:
+    """What ``pydicom.dcmwrite`` writes for ``ds`` with the file meta the series writer declares."""
+    import io
+
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.ImplementationVersionName = "NAPARI_RESTORE"
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("rel", [CT_EXAM, MR_SERIES])
+def test_each_file_is_what_pydicom_writes_for_its_dataset(shared_data, tmp_path, monkeypatch, rel):
+    # the writer encodes the series template once; each file must still be byte for byte pydicom's
+    vol = nr.load(shared_data / rel)[0]
+    sops = copy.deepcopy(vol.meta["source_sops"])
+    sops[3]["thickness"] = 7.5  # one slice with its own thickness: the others keep the series'
+    vol = vol.copy_with(vol.array * 1.01 + 0.3, {"task": "denoise", "model": "denoise-ct"})
+    vol.meta["source_sops"] = sops
+    seen = _written_datasets(monkeypatch)
+    folder = nr.save(vol, tmp_path / "out", format="dicom")
+    files = sorted(folder.glob("*.dcm"))
+    assert len(seen) == len(files) == vol.array.shape[0]
+    for name, ds in seen:
+        assert (folder / name).read_bytes() == _pydicom_bytes(ds), name
+    thick = [float(pydicom.dcmread(f, stop_before_pixels=True).SliceThickness) for f in files]
+    assert thick[3] == 7.5 and 7.5 not in thick[:3] + thick[4:]
+    assert len(set(thick[:3] + thick[4:])) == 1
+
+
+def test_deidentified_files_are_what_pydicom_writes(shared_data, tmp_path, monkeypatch):
+    vol = nr.load(shared_data / CT_EXAM)[0]
+    seen = _written_datasets(monkeypatch)
+    folder = nr.save(vol, tmp_path / "out", format="dicom", deidentify=True)
+    assert seen and all((folder / name).read_bytes() == _pydicom_bytes(ds) for name, ds in seen)
+
+
 def test_ct_inputs_untouched(ct):
     assert ct.hash_after == ct.hash_before
     np.testing.assert_array_equal(ct.volume.array, ct.array_before)

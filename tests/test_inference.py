@@ -237,6 +237,35 @@ def test_out_of_memory_on_the_cpu_with_one_slice_is_a_clear_error(noisy, trained
         restore(noisy, model=trained, device="cpu", batch_size=2)
 
 
+def test_cpu_batches_run_in_threads_of_their_own_with_the_same_result(noisy, trained, monkeypatch):
+    import threading
+
+    import napari_restore.step_runner as runner
+
+    real = ResidualUNet.forward
+    names: set[str] = set()
+
+    def forward(self, x):
+        names.add(threading.current_thread().name)
+        return real(self, x)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two torch threads: two workers of one thread each
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(runner, "cpu_workers", lambda device, batches: 1)
+            serial = restore(noisy, model=trained, device="cpu", batch_size=3).array
+        monkeypatch.setattr(ResidualUNet, "forward", forward)
+        calls = []
+        out = restore(noisy, model=trained, device="cpu", batch_size=3, progress=lambda d, t: calls.append((d, t)))
+        assert torch.get_num_threads() == 2  # the workers' one-thread setting stays theirs
+    finally:
+        torch.set_num_threads(threads)
+    assert len({n for n in names if n.startswith("napari-restore")}) == 2, names
+    np.testing.assert_allclose(out.array, serial, atol=1e-4)
+    assert calls == [(d, 30) for d in range(3, 31, 3)]  # in order, though batches finish in any order
+
+
 def test_strength_blends_input_and_full_restoration(noisy, trained):
     full = restore(noisy, model=trained, device="cpu").array
     none = restore(noisy, model=trained, device="cpu", strength=0.0).array

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +49,18 @@ def _free_bytes(device: torch.device) -> int | None:
         except Exception:  # pragma: no cover - driver quirks
             return None
     return None
+
+
+#: Most CPU threads restoring 2-D batches at once (:func:`cpu_workers`).
+MAX_CPU_WORKERS = 8
+
+
+def cpu_workers(device: torch.device, batches: int) -> int:
+    """Threads that restore 2-D batches at once: on the CPU one per torch thread (at most
+    :data:`MAX_CPU_WORKERS`, at most ``batches``); elsewhere 1."""
+    if device.type != "cpu":
+        return 1
+    return int(max(1, min(torch.get_num_threads(), MAX_CPU_WORKERS, batches)))
 
 
 @dataclass
@@ -119,44 +133,26 @@ class _Runner:
 
     # -- 2-D
     def run_2d(self, arr: np.ndarray, out: np.ndarray, strength: float) -> None:
-        """``arr``, ``out``: ``(z, y, x)`` physical units; writes ``out`` batch by batch."""
-        norm = self.step.normalizer
+        """``arr``, ``out``: ``(z, y, x)`` physical units; writes ``out`` batch by batch.
+
+        On the CPU, batches run in :func:`cpu_workers` threads at once, each with one torch
+        thread: slices are independent, and on small convolutions that is faster than spreading
+        each one over every core (2 cores: ~1.4x). Each slice's result is the same.
+        """
         nz, ny, nx = arr.shape
-        k = int(getattr(self.step.network, "context", 0))
+        if self.batch is None:
+            self.batch = self._auto_batch(ny * nx, self._per_pixel_bytes())
         z = 0
+        workers = cpu_workers(self.device, -(-nz // self.batch))
+        if workers > 1:
+            z = self._run_2d_parallel(arr, out, strength, workers)
         while z < nz:
             self._check_cancel()
-            if self.batch is None:
+            if self.batch is None:  # after a fall-back to the CPU
                 self.batch = self._auto_batch(ny * nx, self._per_pixel_bytes())
             b = min(self.batch, nz - z)
-            src = arr[z:z + b]
             try:
-                with warnings.catch_warnings():  # read-only input arrays: torch warns, we never write
-                    warnings.simplefilter("ignore", UserWarning)
-                    src_t = torch.from_numpy(src).to(self.device, torch.float32)
-                    if k:  # 2.5-D: slices z-k .. z+k as channels, mirrored at the volume's ends
-                        block = torch.from_numpy(arr[mirror_indices(z - k, b + 2 * k, nz)]).to(self.device, torch.float32)
-                with torch.inference_mode():
-                    if k:
-                        xn = norm.forward(block).unfold(0, 2 * k + 1, 1).permute(0, 3, 1, 2).contiguous()
-                    else:
-                        xn = norm.forward(src_t)[:, None]
-                    if self.tile is not None and (self.tile[0] < ny or self.tile[1] < nx):
-                        pads, roi, ovl = _aligned_windows((ny, nx), self.tile, self.overlap, self._multiple())
-                        inferer = _inferer(roi, 4, ovl, self.device, self.device)
-                        yn = inferer(_pad_array(xn, pads), self.net)
-                        yn = yn[..., pads[0][0]:pads[0][0] + ny, pads[1][0]:pads[1][0] + nx]
-                    else:
-                        yn = self.net(xn)
-                    y = norm.inverse_linear(yn[:, 0].float())
-                    if norm.clips:  # clipped voxels keep their original value
-                        y = torch.where((src_t < norm.lo) | (src_t > norm.hi), src_t, y)
-                    if strength <= 0.0:
-                        y = src_t
-                    elif strength < 1.0:
-                        y = torch.lerp(src_t, y, float(strength))
-                    out[z:z + b] = y.cpu().numpy()
-                del src_t, xn, yn, y
+                self._restore_slices(arr, out, z, b, strength)
             except Exception as exc:
                 if not _is_oom(exc):
                     raise
@@ -164,6 +160,69 @@ class _Runner:
                 continue
             z += b
             self.report(b)
+
+    def _run_2d_parallel(self, arr: np.ndarray, out: np.ndarray, strength: float, workers: int) -> int:
+        """Batches in ``workers`` threads, reported in order; returns the first slice not done
+        (``len(arr)`` unless memory ran out, when the rest is left to the one-thread loop)."""
+        nz = arr.shape[0]
+        threads = max(1, torch.get_num_threads() // workers)
+        pending: deque[tuple[int, int, Future]] = deque()
+        z = 0
+        with ThreadPoolExecutor(workers, thread_name_prefix="napari-restore",
+                                initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            try:
+                while z < nz or pending:
+                    while z < nz and len(pending) < 2 * workers:
+                        self._check_cancel()
+                        b = min(self.batch, nz - z)
+                        pending.append((z, b, pool.submit(self._restore_slices, arr, out, z, b, strength)))
+                        z += b
+                    first, b, future = pending[0]
+                    try:
+                        future.result()
+                    except Exception as exc:
+                        if not _is_oom(exc):
+                            raise
+                        self._on_oom(exc)
+                        return first
+                    pending.popleft()
+                    self.report(b)
+            finally:
+                for _, _, f in pending:
+                    f.cancel()
+        return nz
+
+    def _restore_slices(self, arr: np.ndarray, out: np.ndarray, z: int, b: int, strength: float) -> None:
+        """Restore slices ``z .. z+b-1`` of ``arr`` into ``out`` (both ``(z, y, x)``, physical units)."""
+        norm = self.step.normalizer
+        nz, ny, nx = arr.shape
+        k = int(getattr(self.step.network, "context", 0))
+        src = arr[z:z + b]
+        with warnings.catch_warnings():  # read-only input arrays: torch warns, we never write
+            warnings.simplefilter("ignore", UserWarning)
+            src_t = torch.from_numpy(src).to(self.device, torch.float32)
+            if k:  # 2.5-D: slices z-k .. z+k as channels, mirrored at the volume's ends
+                block = torch.from_numpy(arr[mirror_indices(z - k, b + 2 * k, nz)]).to(self.device, torch.float32)
+        with torch.inference_mode():
+            if k:
+                xn = norm.forward(block).unfold(0, 2 * k + 1, 1).permute(0, 3, 1, 2).contiguous()
+            else:
+                xn = norm.forward(src_t)[:, None]
+            if self.tile is not None and (self.tile[0] < ny or self.tile[1] < nx):
+                pads, roi, ovl = _aligned_windows((ny, nx), self.tile, self.overlap, self._multiple())
+                inferer = _inferer(roi, 4, ovl, self.device, self.device)
+                yn = inferer(_pad_array(xn, pads), self.net)
+                yn = yn[..., pads[0][0]:pads[0][0] + ny, pads[1][0]:pads[1][0] + nx]
+            else:
+                yn = self.net(xn)
+            y = norm.inverse_linear(yn[:, 0].float())
+            if norm.clips:  # clipped voxels keep their original value
+                y = torch.where((src_t < norm.lo) | (src_t > norm.hi), src_t, y)
+            if strength <= 0.0:
+                y = src_t
+            elif strength < 1.0:
+                y = torch.lerp(src_t, y, float(strength))
+            out[z:z + b] = y.cpu().numpy()
 
     # -- 3-D
     def run_3d(self, arr: np.ndarray, out: np.ndarray, strength: float) -> None:
