@@ -13,11 +13,11 @@ MONAI :class:`monai.networks.nets.UNet` used as the *residual branch* ``f`` of
   multiple of the total stride and the output cropped back.
 
 The default 2-D network (:data:`DEFAULT_2D`, 0.16 M parameters) is small on purpose, for the
-target of >= 20 slices/s end to end on 2 CPU cores: with batch norm folded into the convolutions
-and channels-last weights (:func:`prepare_for_inference`, what
-:func:`napari_restore.inference.restore` runs) about 17 ms per 512x512 slice on 2 threads
-(torch 2.13, MONAI 1.6; 25 ms with the default memory layout, whose transposed convolutions
-took half of the time), i.e. ~50 slices/s for ``restore()`` and ~29 slices/s from DICOM to DICOM.
+target of >= 20 slices/s end to end on 2 CPU cores. What :func:`napari_restore.inference.restore`
+runs is :func:`prepare_for_inference`'s copy (batch norm folded into the convolutions, channels-last
+weights: together ~1.6x on the CPU), on the CPU in one worker thread per torch thread, each with one
+thread (:mod:`napari_restore.step_runner`: ~1.2-1.4x more on 2 cores). Measured figures of the
+shipped models: ``docs/speed.md``.
 """
 from __future__ import annotations
 
