@@ -229,6 +229,38 @@ def test_single_slice_samples_repeat_the_slice_and_its_noise(shared_data, cache,
                    single_slice_fraction=0.3, cache_dir=str(cache)))
 
 
+def test_faint_disks_go_into_every_slice_of_the_sample_and_its_target(shared_data, cache, tmp_path):
+    """Disk samples: the same disks in the clean slices (so under the noise) and in the target."""
+    from napari_restore.training.data import Degradation, PatchDataset
+    from napari_restore.training.patches import DISK_CONTRAST_HU, faint_disks
+
+    series = load_series([shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"], cache_dir=cache)
+    rec = series[0]
+    disks = faint_disks((64, 64), 0.5, float(rec.scale), np.random.default_rng(0))
+    hu = np.abs(disks) * float(rec.scale)
+    assert 0.005 < float((hu > 0).mean()) < 0.5 and hu.max() <= DISK_CONTRAST_HU[1] * 4 + 1e-3
+    plain = PatchDataset(series, (32, 32), 24, None, augment=False, seed=4, context=1)
+    with_disks = PatchDataset(series, (32, 32), 24, None, augment=False, seed=4, context=1, disk_fraction=0.5)
+    changed = 0
+    for i in range(24):
+        a, b = plain[i], with_disks[i]
+        dx = b["input"].numpy() - a["input"].numpy()
+        dt = b["target"].numpy() - a["target"].numpy()
+        if np.abs(dt).max() > 0:
+            changed += 1  # the same disks on the neighbours and the centre, and in the target
+            np.testing.assert_allclose(dx, np.repeat(dt, 3, axis=0), atol=1e-6)
+        else:
+            assert np.abs(dx).max() == 0
+    assert 4 <= changed <= 20  # about half of 24
+    noisy = PatchDataset(series, (32, 32), 6, Degradation("ct_lowdose", noise_hu_range=(30.0, 30.0)),
+                         augment=False, seed=4, context=1, disk_fraction=1.0)
+    for i in range(6):  # under the noise: the noisy input is the disks' target plus noise
+        x, t = noisy[i]["input"].numpy(), noisy[i]["target"].numpy()
+        assert 0.02 < float((x[1] - t[0]).std()) < 0.2
+    with pytest.raises(InputError, match="disk_fraction"):
+        _cfg(tmp_path / "f", [shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"], disk_fraction=1.5).validate()
+
+
 def test_cleaner_targets_take_out_the_scans_own_noise(shared_data, cache, tmp_path):
     """target_nlm: the network learns the scan without its own noise; the input keeps it, plus the added noise."""
     from napari_restore.training.data import Degradation, PatchDataset, validation_set

@@ -71,7 +71,9 @@ class TrainConfig:
         noise level log-uniformly, as many mild samples as strong ones), clean_fraction (share of
         samples given undegraded: the network learns to leave a clean image alone),
         single_slice_fraction (2.5-D: share of samples whose neighbours are the slice itself with
-        the same noise, as a single-slice series reaches the model), target_nlm (cleaner targets:
+        the same noise, as a single-slice series reaches the model), disk_fraction (CT, 2-D:
+        share of samples given a few faint disks, 2-12 mm and 2-30 HU, in the clean patch and its
+        target: lesions' stand-ins the network learns to keep; :func:`.patches.faint_disks`), target_nlm (cleaner targets:
         each training slice's own noise removed by non-local means with ``h`` this multiple of
         its measured noise SD, so the network learns to remove a scan's native noise too; 0 =
         the scans as they are; :mod:`.targets`), distill_ensemble (supervised fine-tune: the
@@ -137,6 +139,7 @@ class TrainConfig:
     log_draw: bool = False
     clean_fraction: float = 0.0
     single_slice_fraction: float = 0.0
+    disk_fraction: float = 0.0
     target_nlm: float = 0.0
     distill_ensemble: int = 0
     distill_weight: float = 1.0
@@ -251,6 +254,8 @@ class TrainConfig:
             raise bad(f"target_nlm (NLM h as a multiple of the noise SD; 0 = off) must be in [0, 3], got {self.target_nlm}")
         if not 0.0 <= self.single_slice_fraction < 1.0:
             raise bad(f"single_slice_fraction must be in [0, 1), got {self.single_slice_fraction}")
+        if not 0.0 <= self.disk_fraction <= 1.0:
+            raise bad(f"disk_fraction must be in [0, 1], got {self.disk_fraction}")
         if self.distill_ensemble not in (0, *ENSEMBLE_SIZES[1:]):
             raise bad(f"distill_ensemble must be 0 (off) or one of {ENSEMBLE_SIZES[1:]}, got {self.distill_ensemble}")
         if self.distill_ensemble and (self.mode != "supervised" or not self.init_model):
@@ -430,6 +435,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--single-slice-fraction", type=float, default=d.single_slice_fraction,
                    help="2.5-D: share of samples whose neighbouring slices are the slice itself, noise and all "
                         "(as a single-slice series reaches the model)")
+    p.add_argument("--disk-fraction", type=float, default=d.disk_fraction,
+                   help="CT, 2-D: share of samples given a few faint disks (2-12 mm, 2-30 HU) in the clean patch "
+                        "and its target, so the network learns to keep small faint lesions")
     p.add_argument("--target-nlm", type=float, default=d.target_nlm, metavar="H",
                    help="supervised: learn the scans without their own noise (non-local means per slice, "
                         "h = H x the slice's measured noise SD, e.g. 0.8; 0 = the scans as they are)")

@@ -229,6 +229,9 @@ class _Run:
                 self.train_series, self.val_series = split_series(series, cfg.val_fraction, cfg.seed)
             self.train_targets = self.val_targets = None
         self.modality = self.train_series[0].modality
+        if cfg.disk_fraction and (self.modality != "CT" or cfg.mode != "supervised" or cfg.dims != 2):
+            raise InputError("disk_fraction is for supervised 2-D / 2.5-D CT training, got "
+                             f"{self.modality} {cfg.mode} {cfg.dims}-D")
         if cfg.reslice:
             if self.modality == "CT" and cfg.task == "denoise":
                 raise InputError("reslice is not for CT denoising: its noise is simulated in the axial plane")
@@ -301,7 +304,8 @@ class _Run:
         per_rank = cfg.steps_per_epoch * cfg.batch_size
         self.dataset = PatchDataset(self.train_series, cfg.patch_size, per_rank * self.info.world_size,
                                     self.degradation, self.train_targets, cfg.augment, cfg.jitter, cfg.seed,
-                                    context=self.context, single_slice_fraction=cfg.single_slice_fraction)
+                                    context=self.context, single_slice_fraction=cfg.single_slice_fraction,
+                                    disk_fraction=cfg.disk_fraction)
         self.sampler = None
         if self.info.distributed:
             self.sampler = torch.utils.data.DistributedSampler(self.dataset, self.info.world_size, self.info.rank,

@@ -174,6 +174,36 @@ class Degradation:
         raise InputError(f"unknown degradation {self.kind!r}")
 
 
+#: Faint disks inserted into CT training patches (:func:`faint_disks`): diameters (mm), contrasts
+#: (|HU|, log-uniform, either sign) and how many per patch.
+DISK_DIAMETER_MM = (2.0, 12.0)
+DISK_CONTRAST_HU = (2.0, 30.0)
+DISK_COUNT = (1, 4)
+
+
+def faint_disks(shape: Sequence[int], pixel_mm: float, scale: float, rng: np.random.Generator) -> np.ndarray:
+    """``(y, x)`` float32: a few faint disks (lesions' stand-ins), in network units (HU / ``scale``).
+
+    Each disk: a diameter from :data:`DISK_DIAMETER_MM` (``pixel_mm`` mm per pixel), a contrast
+    from :data:`DISK_CONTRAST_HU` (log-uniform, either sign), a one-pixel linear edge (the
+    share of each pixel the disk covers, about), anywhere in the patch. Added to the clean patch
+    before the noise and to its target, on every slice a 2.5-D sample reads (a lesion spans the
+    neighbouring slices), they teach the network that faint round structure seen on each slice
+    is signal, which noise (new on each slice) is not.
+    """
+    ny, nx = int(shape[0]), int(shape[1])
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float32)
+    out = np.zeros((ny, nx), dtype=np.float32)
+    for _ in range(int(rng.integers(DISK_COUNT[0], DISK_COUNT[1] + 1))):
+        r = 0.5 * float(rng.uniform(*DISK_DIAMETER_MM)) / float(pixel_mm)
+        lo, hi = (math.log(v) for v in DISK_CONTRAST_HU)
+        c = math.exp(rng.uniform(lo, hi)) * (1.0 if rng.random() < 0.5 else -1.0)
+        cy, cx = float(rng.uniform(0, ny)), float(rng.uniform(0, nx))
+        d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
+        out += np.float32(c / scale) * np.clip(r + 0.5 - d, 0.0, 1.0)
+    return out
+
+
 def augment(arrays: list[np.ndarray], rng: np.random.Generator, jitter: float) -> list[np.ndarray]:
     """Same random flips, in-plane 90-degree rotation and intensity jitter for every array."""
     nd = arrays[0].ndim
@@ -206,6 +236,8 @@ class PatchDataset(torch.utils.data.Dataset):
             (``C = 2 * context + 1``, mirrored at the series' ends; each slice its own noise).
         single_slice_fraction: with ``context``, the share of samples whose neighbours are the
             slice itself with the same noise, as a single-slice series is given to a 2.5-D model.
+        disk_fraction: CT, 2-D patches: the share of samples given :func:`faint_disks` (in the
+            clean patch before the noise, and in the target).
 
     Series are drawn in proportion to their number of slices.
     """
@@ -213,8 +245,9 @@ class PatchDataset(torch.utils.data.Dataset):
     def __init__(self, series: list[SeriesData], patch_size: Sequence[int], length: int,
                  degradation: Degradation | None = None, targets: list[SeriesData] | None = None,
                  augment: bool = True, jitter: float = 0.0, seed: int = 0, context: int = 0,
-                 single_slice_fraction: float = 0.0):
+                 single_slice_fraction: float = 0.0, disk_fraction: float = 0.0):
         self.series, self.targets = series, targets
+        self.disk_fraction = float(disk_fraction)
         self.context = int(context)
         self.single_slice_fraction = float(single_slice_fraction)
         self.patch = tuple(int(p) for p in patch_size)
@@ -244,6 +277,7 @@ class PatchDataset(torch.utils.data.Dataset):
         m = deg.margin() if deg is not None else 0
         planes = None
         src_shape = None
+        disks = None
         if len(self.patch) == 2:
             z0 = int(rng.integers(nz))
             ph, pw = self.patch
@@ -259,6 +293,9 @@ class PatchDataset(torch.utils.data.Dataset):
                 planes, which = np.unique(mirror_indices(z0 - self.context, 2 * self.context + 1, nz), return_inverse=True)
             clean = np.stack([_resize(_crop(rec.array[z], starts, src), sizes) for z in planes])
             src_shape = src if zoom != 1.0 else None
+            if self.disk_fraction > 0 and rng.uniform() < self.disk_fraction:
+                disks = faint_disks(sizes, rec.spacing[2] / zoom, float(rec.scale), rng)
+                clean = clean + disks
             inner = (slice(None), slice(m, m + ph), slice(m, m + pw))
         else:
             pd_, ph, pw = self.patch
@@ -280,6 +317,8 @@ class PatchDataset(torch.utils.data.Dataset):
             if rec.target is not None:  # the scan without its own noise
                 target = (np.stack([_resize(_crop(rec.target[z], starts, src), sizes) for z in planes])
                           if planes is not None else _crop(rec.target, (z0, *starts), (pd_, *sizes)))
+                if disks is not None:
+                    target = target + disks
         else:  # self-supervised
             inp = target = clean
         if planes is not None:  # (C, y, x) input, centre-slice target
@@ -349,4 +388,4 @@ def validation_set(series: list[SeriesData], patch_size: Sequence[int], n_per_se
     return items
 
 
-__all__ = ["PatchDataset", "Degradation", "validation_set", "augment"]
+__all__ = ["PatchDataset", "Degradation", "validation_set", "augment", "faint_disks"]
