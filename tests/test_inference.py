@@ -239,6 +239,7 @@ def test_out_of_memory_on_the_cpu_with_one_slice_is_a_clear_error(noisy, trained
 
 def test_cpu_batches_run_in_threads_of_their_own_with_the_same_result(noisy, trained, monkeypatch):
     import threading
+    import warnings
 
     import napari_restore.step_runner as runner
 
@@ -257,8 +258,10 @@ def test_cpu_batches_run_in_threads_of_their_own_with_the_same_result(noisy, tra
             serial = restore(noisy, model=trained, device="cpu", batch_size=3).array
         monkeypatch.setattr(ResidualUNet, "forward", forward)
         calls = []
+        filters = list(warnings.filters)
         out = restore(noisy, model=trained, device="cpu", batch_size=3, progress=lambda d, t: calls.append((d, t)))
         assert torch.get_num_threads() == 2  # the workers' one-thread setting stays theirs
+        assert warnings.filters == filters  # no warning filter left behind by the threads
     finally:
         torch.set_num_threads(threads)
     assert len({n for n in names if n.startswith("napari-restore")}) == 2, names

@@ -152,7 +152,9 @@ class _Runner:
                 self.batch = self._auto_batch(ny * nx, self._per_pixel_bytes())
             b = min(self.batch, nz - z)
             try:
-                self._restore_slices(arr, out, z, b, strength)
+                with warnings.catch_warnings():  # read-only input arrays: torch warns, we never write
+                    warnings.simplefilter("ignore", UserWarning)
+                    self._restore_slices(arr, out, z, b, strength)
             except Exception as exc:
                 if not _is_oom(exc):
                     raise
@@ -168,8 +170,10 @@ class _Runner:
         threads = max(1, torch.get_num_threads() // workers)
         pending: deque[tuple[int, int, Future]] = deque()
         z = 0
-        with ThreadPoolExecutor(workers, thread_name_prefix="napari-restore",
-                                initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        with warnings.catch_warnings(), ThreadPoolExecutor(workers, thread_name_prefix="napari-restore",
+                                                           initializer=torch.set_num_threads,
+                                                           initargs=(threads,)) as pool:
+            warnings.simplefilter("ignore", UserWarning)  # read-only input arrays (see _restore_slices)
             try:
                 while z < nz or pending:
                     while z < nz and len(pending) < 2 * workers:
@@ -198,11 +202,11 @@ class _Runner:
         nz, ny, nx = arr.shape
         k = int(getattr(self.step.network, "context", 0))
         src = arr[z:z + b]
-        with warnings.catch_warnings():  # read-only input arrays: torch warns, we never write
-            warnings.simplefilter("ignore", UserWarning)
-            src_t = torch.from_numpy(src).to(self.device, torch.float32)
-            if k:  # 2.5-D: slices z-k .. z+k as channels, mirrored at the volume's ends
-                block = torch.from_numpy(arr[mirror_indices(z - k, b + 2 * k, nz)]).to(self.device, torch.float32)
+        # (torch warns about read-only input arrays, which are never written: the callers silence
+        # that around all their calls, as a per-call catch_warnings is not safe across threads)
+        src_t = torch.from_numpy(src).to(self.device, torch.float32)
+        if k:  # 2.5-D: slices z-k .. z+k as channels, mirrored at the volume's ends
+            block = torch.from_numpy(arr[mirror_indices(z - k, b + 2 * k, nz)]).to(self.device, torch.float32)
         with torch.inference_mode():
             if k:
                 xn = norm.forward(block).unfold(0, 2 * k + 1, 1).permute(0, 3, 1, 2).contiguous()
