@@ -40,12 +40,14 @@ class SharedElementWriter:
         correct_ambiguous_vr(probe, True)  # what pydicom does to every dataset it writes
         for tag in probe.keys():
             elem = template._dict[tag]
-            self._shared[tag] = (elem, _snapshot(elem), self._encode(elem))
+            self._shared[tag] = (elem, _snapshot(elem), self._encode(elem, self._encodings))
 
-    def _encode(self, elem: Any, encodings: Any = None) -> bytes:
+    @staticmethod
+    def _encode(elem: Any, encodings: Any) -> bytes:
+        """One element, Explicit VR Little Endian, strings in ``encodings`` (a SpecificCharacterSet value)."""
         buf = DicomBytesIO()
         buf.is_little_endian, buf.is_implicit_VR = True, False
-        write_data_element(buf, elem, encodings if encodings is not None else self._encodings)
+        write_data_element(buf, elem, encodings)
         return buf.getvalue()
 
     def encode(self, ds: Dataset) -> bytes:
