@@ -247,11 +247,14 @@ def test_each_file_is_what_pydicom_writes_for_its_dataset(shared_data, tmp_path,
     assert len(set(thick[:3] + thick[4:])) == 1
 
 
-def test_deidentified_files_are_what_pydicom_writes(shared_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kwargs", [{"deidentify": True}, {"series_description": "Contrôle ß [denoise]"}])
+def test_deidentified_and_non_ascii_files_are_what_pydicom_writes(shared_data, tmp_path, monkeypatch, kwargs):
     vol = nr.load(shared_data / CT_EXAM)[0]
     seen = _written_datasets(monkeypatch)
-    folder = nr.save(vol, tmp_path / "out", format="dicom", deidentify=True)
+    folder = nr.save(vol, tmp_path / "out", format="dicom", **kwargs)
     assert seen and all((folder / name).read_bytes() == _pydicom_bytes(ds) for name, ds in seen)
+    if "series_description" in kwargs:
+        assert pydicom.dcmread(sorted(folder.glob("*.dcm"))[0]).SeriesDescription == kwargs["series_description"]
 
 
 def test_ct_inputs_untouched(ct):
