@@ -136,9 +136,9 @@ def test_full_disk_gives_clear_error_and_leaves_nothing(shared_data, tmp_path, m
     disk = tmp_path / "disk"
     with _tmpfs(disk, "64k") as mounted:
         if not mounted:  # no mount here: fail the third slice write with ENOSPC instead
-            import pydicom
+            from napari_restore.io.dicom_encode import SharedElementWriter
 
-            real, calls = pydicom.dcmwrite, []
+            real, calls = SharedElementWriter.write, []
 
             def failing(*a, **k):
                 calls.append(1)
@@ -146,7 +146,7 @@ def test_full_disk_gives_clear_error_and_leaves_nothing(shared_data, tmp_path, m
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 return real(*a, **k)
 
-            monkeypatch.setattr(pydicom, "dcmwrite", failing)
+            monkeypatch.setattr(SharedElementWriter, "write", failing)
         with pytest.raises(OutputError) as info:
             save(vol, disk / "series", format="dicom")
         assert "No space left" in str(info.value) and "series" in str(info.value)

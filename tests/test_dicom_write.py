@@ -474,7 +474,9 @@ def test_overwrite_refused_then_allowed(nifti, tmp_path):
 
 
 def test_write_failure_leaves_nothing(nifti, tmp_path, monkeypatch):
-    real = pydicom.dcmwrite
+    from napari_restore.io.dicom_encode import SharedElementWriter
+
+    real = SharedElementWriter.write
     calls = []
 
     def failing(*args, **kwargs):
@@ -483,7 +485,7 @@ def test_write_failure_leaves_nothing(nifti, tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pydicom, "dcmwrite", failing)
+    monkeypatch.setattr(SharedElementWriter, "write", failing)
     with pytest.raises(OutputError, match="No space left"):
         write_dicom_series(nifti.src, tmp_path / "out")
     assert len(calls) == 3

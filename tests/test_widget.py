@@ -173,7 +173,16 @@ def test_preview_of_a_context_model_reads_the_neighbouring_slices(make_napari_vi
     assert np.abs(alone.array[0] - full.array[k]).max() > 1.0
 
 
-def test_cancel_mid_run_leaves_no_layer_and_the_widget_runs_again(make_napari_viewer, qtbot, shared_data):
+def test_cancel_mid_run_leaves_no_layer_and_the_widget_runs_again(make_napari_viewer, qtbot, shared_data, monkeypatch):
+    from napari_restore.networks import ResidualUNet
+
+    real = ResidualUNet.forward
+
+    def slow(self, x):  # a real model's pace (the tiny one finishes 30 slices before a click lands)
+        time.sleep(0.05)
+        return real(self, x)
+
+    monkeypatch.setattr(ResidualUNet, "forward", slow)
     viewer = make_napari_viewer()
     src = _open(viewer, shared_data, CT_NIFTI)
     w = _widget(viewer)
