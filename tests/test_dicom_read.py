@@ -360,3 +360,45 @@ def test_padding_and_metal_are_plausible_ct():
     assert k == 2 and IMPLAUSIBLE_SLICE_FRACTION < share < 0.33
     # (t, z, y, x): slice index t * nz + z
     assert [k for k, _ in implausible_ct_slices(np.stack([img, img[::-1]]))] == [2, 3]
+
+
+# --------------------------------------------------------------------------- pixels at the header's offset
+@pytest.mark.parametrize("rel", ["ct/philips-head-phantom/exam/S2020", "mr/uih-t1-sag",
+                                 "fixtures/dicom2nifti/hitachi/anatomical/001"])
+def test_pixels_read_at_the_header_offset_equal_the_whole_file_decode(shared_data, monkeypatch, rel):
+    import napari_restore.io.dicom_frames as frames
+
+    used = []
+    real = frames._native_pixels
+
+    def spy(fr):
+        arr = real(fr)
+        used.append(arr is not None)
+        return arr
+
+    monkeypatch.setattr(frames, "_native_pixels", spy)
+    fast = nr.load(shared_data / rel)[0].array
+    assert used and all(used)  # uncompressed files: every slice read at its offset
+    monkeypatch.setattr(frames, "_native_pixels", lambda fr: None)
+    np.testing.assert_array_equal(fast, nr.load(shared_data / rel)[0].array)
+
+
+def test_pixel_element_only_for_uncompressed_little_endian_files(shared_data):
+    from napari_restore.io.dicom_safe import dcmread, pixel_element
+
+    native = sorted((shared_data / "ct/philips-head-phantom/exam/S2020").glob("I*"))[0]
+    h = dcmread(native, stop_before_pixels=True)
+    elem = pixel_element(native, h)
+    assert elem is not None and elem.VR == "OW" and len(elem.value) == h.Rows * h.Columns * 2
+    j2k = sorted(p for p in (shared_data / "ct/siemens-body-j2k").rglob("*") if p.is_file())[0]
+    assert pixel_element(j2k, dcmread(j2k, stop_before_pixels=True)) is None
+
+
+def test_a_file_cut_inside_its_pixel_data_is_still_refused(shared_data, tmp_path):
+    src = sorted((shared_data / "ct/philips-head-phantom/exam/S2020").glob("I*"))[0]
+    cut = tmp_path / "cut.dcm"
+    data = src.read_bytes()
+    cut.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(nr.InputError) as info:
+        nr.load(cut)
+    assert str(cut) in str(info.value)

@@ -23,6 +23,7 @@ from pydicom.errors import InvalidDicomError
 
 from ..errors import InputError
 from .dicom_safe import dcmread as _dcmread
+from .dicom_safe import pixel_element as _pixel_element
 from .dicom_safe import inside as _inside
 
 log = logging.getLogger(__name__)
@@ -287,6 +288,10 @@ def _pixels(fr: Frame, cache: dict[Path, np.ndarray], rows: int, cols: int) -> n
         except BaseException as exc:  # decoders written in Rust raise PanicException (a BaseException)
             raise InputError(f"mosaic pixel data cannot be decoded ({type(exc).__name__}: {exc})", fr.path) from None
         arr = cache[fr.path] = np.moveaxis(np.asarray(data), 2, 0)
+    if arr is None and fr.stack != ("mosaic",):
+        arr = _native_pixels(fr)  # None: decode below from the whole file, which says what is wrong
+        if arr is not None:
+            cache[fr.path] = arr
     if arr is None:
         try:
             with _warnings.catch_warnings():
@@ -315,6 +320,27 @@ def _pixels(fr: Frame, cache: dict[Path, np.ndarray], rows: int, cols: int) -> n
     if fr.intercept != 0.0:
         out += np.float32(fr.intercept)
     return out
+
+
+def _native_pixels(fr: Frame) -> np.ndarray | None:
+    """The pixels of an uncompressed little-endian file, decoded from its header's image pixel
+    module and the Pixel Data element read where the header parse stopped
+    (:func:`~napari_restore.io.dicom_safe.pixel_element`), without parsing the file again; None
+    when that cannot be done or fails."""
+    try:
+        elem = _pixel_element(fr.path, fr.header)
+        if elem is None:
+            return None
+        ds = fr.header.group_dataset(0x0028)
+        ds.file_meta = fr.header.file_meta
+        ds.add(elem)
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("ignore")
+            return ds.pixel_array
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException:  # noqa: BLE001 - the whole-file path raises the InputError
+        return None
 
 
 def _frame_shape(fr: Frame) -> tuple[int, int]:

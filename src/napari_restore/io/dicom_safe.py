@@ -78,11 +78,47 @@ def dcmread(path: str | os.PathLike, *, stop_before_pixels: bool = False, force:
             if _is_deflated(fh, force):
                 return _read_deflated(path, fh, stop_before_pixels, force, specific_tags, defer_size)
             fh.seek(0)
-            return pydicom.dcmread(_Budget(fh), defer_size=defer_size, stop_before_pixels=stop_before_pixels,
-                                   force=force, specific_tags=specific_tags)
+            ds = pydicom.dcmread(_Budget(fh), defer_size=defer_size, stop_before_pixels=stop_before_pixels,
+                                 force=force, specific_tags=specific_tags)
+            if stop_before_pixels and specific_tags is None:  # pydicom stopped at the pixel data's element
+                ds.pixel_data_offset = fh.tell()
+            return ds
     except TooComplex:
         raise InputError(f"the header holds more than {MAX_READS} elements or sequence items, or takes more than "
                          f"{MAX_PARSE_S:.0f} s of CPU to parse (a sequence bomb?); refused", path) from None
+
+
+def pixel_element(path: str | os.PathLike, header: Dataset) -> Any | None:
+    """The (7FE0,0010) Pixel Data element of an uncompressed little-endian file, read at the offset
+    where :func:`dcmread` (``stop_before_pixels``) stopped: ``pydicom.DataElement`` or None (no
+    offset, another transfer syntax, another element there, a length it cannot have, a short
+    read) for the whole-file path to decide."""
+    from pydicom.dataelem import DataElement
+
+    offset = getattr(header, "pixel_data_offset", None)
+    ts = str(getattr(header, "file_meta", Dataset()).get("TransferSyntaxUID", "") or "")
+    if offset is None or ts not in (_IMPLICIT_LE, _EXPLICIT_LE):
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        head = fh.read(12 if ts == _EXPLICIT_LE else 8)
+        if len(head) < 8 or head[:4] != b"\xe0\x7f\x10\x00":
+            return None
+        if ts == _EXPLICIT_LE:
+            vr = head[4:6].decode("latin-1")
+            if vr not in ("OB", "OW") or len(head) < 12:
+                return None
+            length = int.from_bytes(head[8:12], "little")
+        else:
+            vr = "OW" if int(header.get("BitsAllocated", 16) or 16) > 8 else "OB"
+            length = int.from_bytes(head[4:8], "little")
+        if length == 0xFFFFFFFF:
+            return None
+        value = fh.read(length)
+    return DataElement(0x7FE00010, vr, value) if len(value) == length else None
+
+
+_IMPLICIT_LE, _EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 
 
 def _is_deflated(fh: Any, force: bool) -> bool:
@@ -198,4 +234,4 @@ def inside(f: Path, folder: Path) -> bool:
         return False
 
 
-__all__ = ["dcmread", "burned_in", "inside", "inflate_limit", "MAX_READS", "HEADER_ALLOWANCE", "TooComplex"]
+__all__ = ["dcmread", "pixel_element", "burned_in", "inside", "inflate_limit", "MAX_READS", "HEADER_ALLOWANCE", "TooComplex"]
