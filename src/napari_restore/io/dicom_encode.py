@@ -28,8 +28,8 @@ class SharedElementWriter:
 
     The template must not change while files are written: a per-file value goes in a new element
     of the file's dataset (assign it after deleting the shared one), never into a shared element.
-    An element whose value differs from what was encoded is encoded again, so an in-place edit
-    costs time, never correctness.
+    As a safeguard, a shared element whose VR or value (a sequence: which list, how many items)
+    differs from what was encoded is encoded again.
     """
 
     def __init__(self, template: Dataset, implementation_version_name: str | None = None):

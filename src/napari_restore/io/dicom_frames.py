@@ -288,7 +288,7 @@ def _pixels(fr: Frame, cache: dict[Path, np.ndarray], rows: int, cols: int) -> n
         except BaseException as exc:  # decoders written in Rust raise PanicException (a BaseException)
             raise InputError(f"mosaic pixel data cannot be decoded ({type(exc).__name__}: {exc})", fr.path) from None
         arr = cache[fr.path] = np.moveaxis(np.asarray(data), 2, 0)
-    if arr is None and fr.stack != ("mosaic",):
+    if arr is None:  # (a mosaic is decoded above)
         arr = _native_pixels(fr)  # None: decode below from the whole file, which says what is wrong
         if arr is not None:
             cache[fr.path] = arr

@@ -27,7 +27,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileDataset
 from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.tag import Tag
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..errors import InputError
 
@@ -97,14 +97,15 @@ def pixel_element(path: str | os.PathLike, header: Dataset) -> Any | None:
 
     offset = getattr(header, "pixel_data_offset", None)
     ts = str(getattr(header, "file_meta", Dataset()).get("TransferSyntaxUID", "") or "")
-    if offset is None or ts not in (_IMPLICIT_LE, _EXPLICIT_LE):
+    if offset is None or ts not in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
         return None
     with open(path, "rb") as fh:
         fh.seek(offset)
-        head = fh.read(12 if ts == _EXPLICIT_LE else 8)
+        explicit = ts == ExplicitVRLittleEndian
+        head = fh.read(12 if explicit else 8)
         if len(head) < 8 or head[:4] != b"\xe0\x7f\x10\x00":
             return None
-        if ts == _EXPLICIT_LE:
+        if explicit:
             vr = head[4:6].decode("latin-1")
             if vr not in ("OB", "OW") or len(head) < 12:
                 return None
@@ -116,9 +117,6 @@ def pixel_element(path: str | os.PathLike, header: Dataset) -> Any | None:
             return None
         value = fh.read(length)
     return DataElement(0x7FE00010, vr, value) if len(value) == length else None
-
-
-_IMPLICIT_LE, _EXPLICIT_LE = "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"
 
 
 def _is_deflated(fh: Any, force: bool) -> bool:

@@ -194,9 +194,9 @@ def faint_disks(shape: Sequence[int], pixel_mm: float, scale: float, rng: np.ran
     ny, nx = int(shape[0]), int(shape[1])
     yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float32)
     out = np.zeros((ny, nx), dtype=np.float32)
+    lo, hi = (math.log(v) for v in DISK_CONTRAST_HU)
     for _ in range(int(rng.integers(DISK_COUNT[0], DISK_COUNT[1] + 1))):
         r = 0.5 * float(rng.uniform(*DISK_DIAMETER_MM)) / float(pixel_mm)
-        lo, hi = (math.log(v) for v in DISK_CONTRAST_HU)
         c = math.exp(rng.uniform(lo, hi)) * (1.0 if rng.random() < 0.5 else -1.0)
         cy, cx = float(rng.uniform(0, ny)), float(rng.uniform(0, nx))
         d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
