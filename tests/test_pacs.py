@@ -5,6 +5,7 @@ Orthanc or ../shared/data is a failure, not a skip.
 """
 from __future__ import annotations
 
+import csv
 import http.server
 import os
 import threading
@@ -308,3 +309,52 @@ def test_cli_batch_from_pacs_and_send_to(server, orthanc, shared_data, tmp_path,
     assert "28 already there" in text and "nothing sent" in text
     assert main(argv[:-2] + ["--format", "nifti", "--send-to", "test"]) != 0
     assert "--send-to needs DICOM output" in capsys.readouterr().err
+
+
+def test_cli_batch_over_a_whole_study(shared_data, tmp_path, monkeypatch, capsys):
+    """``batch pacs://NAME/STUDY``: every image series of the study restored and sent back; the
+    localizer and the secondary-capture summary skipped and named; each series' guard warning named
+    with its series, none escaping on stderr; --no-progress draws no bar."""
+    from napari_restore.cli import main
+
+    exam = shared_data / "ct" / "philips-head-phantom" / "exam"  # localizer, 5 mm, 1 mm, exam summary
+    files = [f for d in ("S1000", "S2010", "S2020", "S4010") for f in _files(exam / d)]
+    study = _uids(exam / "S2010")[0]
+    assert {_uids(exam / d)[0] for d in ("S1000", "S2020", "S4010")} == {study}
+    o = Orthanc(tmp_path / "orthanc").start()
+    try:
+        assert o.upload(files) == len(files) == 175
+        monkeypatch.setenv("NAPARI_RESTORE_CONFIG_DIR", str(tmp_path / "config"))
+        monkeypatch.setenv("NAPARI_RESTORE_PACS_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("TEST_PACS_USER", o.user)
+        monkeypatch.setenv("TEST_PACS_PASSWORD", o.password)
+        pacs.save_server(pacs.Server(name="test", ae_title=ORTHANC_AET, host="127.0.0.1", port=o.dicom_port,
+                                     url=f"{o.url}/dicom-web", our_ae_title=OUR_AET, store_port=o.store_port,
+                                     username_env="TEST_PACS_USER", password_env="TEST_PACS_PASSWORD", timeout=10))
+        out = tmp_path / "out"
+        argv = ["batch", f"pacs://test/{study}", str(out), "--device", "cpu", "--pool", "thread",
+                "--readers", "1", "--writers", "1", "--no-progress", "--send-to", "test"]
+        assert main(argv) == 0
+        cap = capsys.readouterr()
+        assert "175 instances" in cap.out and "skipped 1 localizer series" in cap.out
+        assert "skipped 1 secondary-capture series" in cap.out
+        assert "sent to test: 140 of 140 instances stored" in cap.out and "sent to test: 28 of 28" in cap.out
+        assert "warning:" not in cap.err and "%|" not in cap.err + cap.out  # no stray warning, no bar
+        rows = list(csv.DictReader(open(out / "manifest.csv", newline="")))
+        assert sorted(int(r["slices"]) for r in rows) == [28, 140] and {r["status"] for r in rows} == {"done"}
+        for r in rows:  # both thin-noise phantom series are below the CT model's trusted noise range
+            assert "outside the range it was trained" in r["warnings"]
+            assert f"WARNING {r['input']}: {r['warnings']}" in cap.out
+            assert f"({r['slices']}x512x512) " in cap.out and "(1 warning)" in cap.out
+        for sources in (_files(exam / "S2010"), _files(exam / "S2020")):
+            src = pydicom.dcmread(sources[0], stop_before_pixels=True)
+            derived = [p for p in out.rglob("*.dcm")
+                       if pydicom.dcmread(p, stop_before_pixels=True).ReferencedSeriesSequence[0].SeriesInstanceUID
+                       == src.SeriesInstanceUID]
+            assert len(derived) == len(sources)
+            ds = pydicom.dcmread(derived[0], stop_before_pixels=True)
+            assert ds.StudyInstanceUID == study and ds.SeriesInstanceUID != src.SeriesInstanceUID
+            info = o.series_of(str(ds.SeriesInstanceUID))
+            assert info is not None and len(info["Instances"]) == len(sources)
+    finally:
+        o.stop()

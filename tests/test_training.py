@@ -261,6 +261,45 @@ def test_faint_disks_go_into_every_slice_of_the_sample_and_its_target(shared_dat
         _cfg(tmp_path / "f", [shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"], disk_fraction=1.5).validate()
 
 
+def test_disk_weight_marks_the_disks_pixels_and_weighs_them_in_the_loss(shared_data, cache, tmp_path):
+    """disk_weight: a weight map that is W on the disks (after the same flips/rotation as the target), 1 elsewhere."""
+    from napari_restore.training.data import PatchDataset
+    from napari_restore.training.losses import SupervisedLoss
+
+    series = load_series([shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"], cache_dir=cache)
+    kw = dict(seed=4, context=1)
+    plain = PatchDataset(series, (32, 32), 24, None, augment=False, **kw)
+    assert "weight" not in PatchDataset(series, (32, 32), 4, None, disk_fraction=0.5, **kw)[0]  # weight 1: no map
+    flat = PatchDataset(series, (32, 32), 24, None, augment=False, disk_fraction=0.5, disk_weight=20.0, **kw)
+    turned = PatchDataset(series, (32, 32), 24, None, augment=True, disk_fraction=0.5, disk_weight=20.0, **kw)
+    seen = 0
+    for i in range(24):
+        f, t = flat[i], turned[i]
+        w = f["weight"].numpy()
+        assert w.shape == f["target"].shape and set(np.unique(w)) <= {1.0, 20.0}
+        on_disk = np.abs(f["target"].numpy() - plain[i]["target"].numpy()) > 0  # where the disks changed the target
+        np.testing.assert_array_equal(w == 20.0, on_disk)
+        seen += bool(on_disk.any())
+        # the augmented item: the weight map turned and flipped as its target was
+        ops = [(k, fl) for k in range(4) for fl in ((), (1,), (2,), (1, 2))]
+        match = [(k, fl) for k, fl in ops
+                 if np.allclose(np.flip(np.rot90(f["target"].numpy(), k, axes=(1, 2)), fl), t["target"].numpy())]
+        assert match
+        assert any(np.array_equal(np.flip(np.rot90(w, k, axes=(1, 2)), fl), t["weight"].numpy()) for k, fl in match)
+    assert 4 <= seen <= 20
+    loss = SupervisedLoss("l1")
+    pred, target = torch.zeros(1, 1, 2, 2), torch.tensor([[[[1.0, 1.0], [1.0, 5.0]]]])
+    weight = torch.tensor([[[[1.0, 1.0], [1.0, 3.0]]]])
+    assert float(loss(pred, target)) == pytest.approx(2.0)
+    assert float(loss(pred, target, weight)) == pytest.approx((3 + 15) / 6)  # the weighted mean
+    assert float(SupervisedLoss("mse")(pred, target, weight)) == pytest.approx((3 + 75) / 6)
+    src = [shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"]
+    with pytest.raises(InputError, match="disk_weight 20.0 needs disk_fraction"):
+        _cfg(tmp_path / "w", src, disk_weight=20.0).validate()
+    with pytest.raises(InputError, match="disk_weight needs the l1 or mse"):
+        _cfg(tmp_path / "w", src, disk_weight=20.0, disk_fraction=0.5, loss="psnr").validate()
+
+
 def test_cleaner_targets_take_out_the_scans_own_noise(shared_data, cache, tmp_path):
     """target_nlm: the network learns the scan without its own noise; the input keeps it, plus the added noise."""
     from napari_restore.training.data import Degradation, PatchDataset, validation_set

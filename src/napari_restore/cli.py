@@ -63,7 +63,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if str(args.input).startswith("pacs://"):  # retrieve into the cache first (resumable), then as a folder
         from .pacs import fetch_source
 
-        bar, done = _progress_bar("retrieve", unit="inst")
+        bar, done = (None, lambda: None) if args.no_progress else _progress_bar("retrieve", unit="inst")
         try:
             src = fetch_source(args.input, progress=bar).folder
         finally:
@@ -107,7 +107,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.send_to:
         from .pacs.cli import send_derived
 
-        return send_derived(args.send_to, written, via=args.send_via)
+        return send_derived(args.send_to, written, via=args.send_via, progress=not args.no_progress)
     return EXIT_OK
 
 
@@ -198,7 +198,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.send_to and not args.dry_run:
         from .pacs.cli import send_written
 
-        return max(result.exit_code, send_written(args.send_to, [o.output for o in result.done_now], via=args.send_via))
+        return max(result.exit_code, send_written(args.send_to, [o.output for o in result.done_now], via=args.send_via,
+                                                  progress=not args.no_progress))
     return result.exit_code
 
 

@@ -148,9 +148,10 @@ class _Progress:
             self.k += 1
             shape = "x".join(str(s) for s in (o.shape or o.item.shape)) or "?"
             where = os.path.relpath(o.output, output_root) if o.status == DONE else o.error
+            warned = f" ({len(o.warnings)} warning{'s' if len(o.warnings) > 1 else ''})" if o.warnings else ""
             self.line(f"{self.prefix}[{self.k}/{self.n}] {o.status:<6} {o.item.input} "
                       f"{('#' + o.item.series_number) if o.item.series_number else ''} ({shape}) "
-                      f"{o.seconds:.1f} s -> {where}")
+                      f"{o.seconds:.1f} s -> {where}{warned}")
             if self.bar is not None:
                 self.bar.set_description(f"{self.prefix}series {self.k}/{self.n}", refresh=False)
                 self.bar.update(max(1, o.item.slices))
@@ -374,7 +375,11 @@ def _run(src: Path, dst: Path, sh: Shard, prefix: str, printer, t_start: float, 
         torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - 1)))
     t_run = time.perf_counter()
     try:
-        pipe.run(todo)
+        # each series' warnings go to its manifest row; silenced here, in the calling thread, for the whole
+        # run: a catch_warnings() in a worker thread alone is not thread-safe and can let one escape
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe.run(todo)
     finally:
         torch.set_num_threads(threads)
         prog.close()
@@ -431,6 +436,11 @@ def _summary(r: BatchResult, printer, prefix: str) -> None:
         lines.append(f"{prefix}  FAILED {o.item.input}: {o.error}")
     if len(failed) > 20:
         lines.append(f"{prefix}  ... {len(failed) - 20} more failures in the manifest")
+    warned = [o for o in done if o.warnings]
+    for o in warned[:20]:
+        lines += [f"{prefix}  WARNING {o.item.input}: {w}" for w in o.warnings]
+    if len(warned) > 20:
+        lines.append(f"{prefix}  ... {len(warned) - 20} more series with warnings in the manifest")
     if r.manifest is not None:
         lines.append(f"{prefix}  manifest: {r.manifest}" + ("" if r.shard.index == 0 or not r.shard.distributed
                                                            else " (merged by rank 0)"))

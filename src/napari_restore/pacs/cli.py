@@ -99,11 +99,12 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0
 
 
-def send_derived(name: str, folder, via: str | None = None) -> int:
-    """``restore``/``batch --send-to NAME``: store a written derived series; the exit code."""
+def send_derived(name: str, folder, via: str | None = None, progress: bool = True) -> int:
+    """``restore``/``batch --send-to NAME``: store a written derived series (with a progress bar unless
+    ``progress`` is false); the exit code."""
     from . import send
 
-    progress, close = _bar(f"send to {name}")
+    progress, close = _bar(f"send to {name}") if progress else (None, lambda: None)
     try:
         result = send(name, folder, via=via, progress=progress)
     finally:
@@ -125,7 +126,7 @@ def fetch_with_bar(source: str, progress: bool = True) -> Path:
     return got.folder
 
 
-def send_written(name: str, outputs, via: str | None = None) -> int:
+def send_written(name: str, outputs, via: str | None = None, progress: bool = True) -> int:
     """``batch --send-to NAME``: store each written derived DICOM series (a folder of .dcm files); the
     exit code (1 when a series could not be stored whole)."""
     from ..errors import PacsError
@@ -138,7 +139,7 @@ def send_written(name: str, outputs, via: str | None = None) -> int:
     code = 0
     for folder in folders:
         try:
-            send_derived(name, folder, via=via)
+            send_derived(name, folder, via=via, progress=progress)
         except PacsError as exc:  # one series refused: say so, send the others
             print(f"not sent: {folder}: {exc}", file=sys.stderr)
             code = 1

@@ -73,7 +73,8 @@ class TrainConfig:
         single_slice_fraction (2.5-D: share of samples whose neighbours are the slice itself with
         the same noise, as a single-slice series reaches the model), disk_fraction (CT, 2-D:
         share of samples given a few faint disks, 2-12 mm and 2-30 HU, in the clean patch and its
-        target: lesions' stand-ins the network learns to keep; :func:`.patches.faint_disks`), target_nlm (cleaner targets:
+        target: lesions' stand-ins the network learns to keep; :func:`.patches.faint_disks`), disk_weight (the
+        loss weight of the disks' pixels, the others weighing 1; L1 or MSE loss), target_nlm (cleaner targets:
         each training slice's own noise removed by non-local means with ``h`` this multiple of
         its measured noise SD, so the network learns to remove a scan's native noise too; 0 =
         the scans as they are; :mod:`.targets`), distill_ensemble (supervised fine-tune: the
@@ -140,6 +141,7 @@ class TrainConfig:
     clean_fraction: float = 0.0
     single_slice_fraction: float = 0.0
     disk_fraction: float = 0.0
+    disk_weight: float = 1.0
     target_nlm: float = 0.0
     distill_ensemble: int = 0
     distill_weight: float = 1.0
@@ -256,6 +258,12 @@ class TrainConfig:
             raise bad(f"single_slice_fraction must be in [0, 1), got {self.single_slice_fraction}")
         if not 0.0 <= self.disk_fraction <= 1.0:
             raise bad(f"disk_fraction must be in [0, 1], got {self.disk_fraction}")
+        if not self.disk_weight > 0:
+            raise bad(f"disk_weight must be > 0, got {self.disk_weight}")
+        if self.disk_weight != 1.0 and not self.disk_fraction > 0:
+            raise bad(f"disk_weight {self.disk_weight} needs disk_fraction > 0")
+        if self.disk_weight != 1.0 and self.loss not in ("l1", "mse"):
+            raise bad(f"disk_weight needs the l1 or mse loss, got {self.loss!r}")
         if self.distill_ensemble not in (0, *ENSEMBLE_SIZES[1:]):
             raise bad(f"distill_ensemble must be 0 (off) or one of {ENSEMBLE_SIZES[1:]}, got {self.distill_ensemble}")
         if self.distill_ensemble and (self.mode != "supervised" or not self.init_model):
@@ -438,6 +446,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     p.add_argument("--disk-fraction", type=float, default=d.disk_fraction,
                    help="CT, 2-D: share of samples given a few faint disks (2-12 mm, 2-30 HU) in the clean patch "
                         "and its target, so the network learns to keep small faint lesions")
+    p.add_argument("--disk-weight", type=float, default=d.disk_weight,
+                   help="with --disk-fraction: the loss weight of the disks' pixels (the others weigh 1)")
     p.add_argument("--target-nlm", type=float, default=d.target_nlm, metavar="H",
                    help="supervised: learn the scans without their own noise (non-local means per slice, "
                         "h = H x the slice's measured noise SD, e.g. 0.8; 0 = the scans as they are)")

@@ -305,7 +305,7 @@ class _Run:
         self.dataset = PatchDataset(self.train_series, cfg.patch_size, per_rank * self.info.world_size,
                                     self.degradation, self.train_targets, cfg.augment, cfg.jitter, cfg.seed,
                                     context=self.context, single_slice_fraction=cfg.single_slice_fraction,
-                                    disk_fraction=cfg.disk_fraction)
+                                    disk_fraction=cfg.disk_fraction, disk_weight=cfg.disk_weight)
         self.sampler = None
         if self.info.distributed:
             self.sampler = torch.utils.data.DistributedSampler(self.dataset, self.info.world_size, self.info.rank,
@@ -441,7 +441,8 @@ class _Run:
                     else:
                         if self.teacher is not None:
                             y = self.teacher(x, y)
-                        loss = self.sup_loss(self.net(x), y)
+                        w = batch.get("weight")
+                        loss = self.sup_loss(self.net(x), y, None if w is None else w.to(info.device, non_blocking=True))
                     if not torch.isfinite(loss):
                         raise ModelError(f"the training loss became {float(loss)} at step {self.step}; lower lr (now {cfg.lr})")
                     self.opt.zero_grad(set_to_none=True)

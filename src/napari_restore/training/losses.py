@@ -60,8 +60,17 @@ class SupervisedLoss(nn.Module):
 
             self.ssim = SSIMLoss(spatial_dims=spatial_dims, data_range=1.0, win_size=7)
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss = self.base(pred, target)
+    def forward(self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``weight`` (broadcastable to ``pred``; L1 and MSE only): per-pixel weights, the base
+        loss their weighted mean."""
+        if weight is None:
+            loss = self.base(pred, target)
+        elif isinstance(self.base, (nn.L1Loss, nn.MSELoss)):
+            err = (pred - target).abs() if isinstance(self.base, nn.L1Loss) else (pred - target) ** 2
+            weight = weight.expand_as(err)
+            loss = (weight * err).sum() / weight.sum().clamp_min(1e-12)
+        else:
+            raise ValueError(f"per-pixel weights need the l1 or mse loss, not {type(self.base).__name__}")
         if self.ssim is not None:
             lo = target.amin(dim=tuple(range(1, target.ndim)), keepdim=True)
             rng = (target.amax(dim=tuple(range(1, target.ndim)), keepdim=True) - lo).clamp_min(1e-6)

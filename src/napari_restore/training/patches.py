@@ -204,19 +204,23 @@ def faint_disks(shape: Sequence[int], pixel_mm: float, scale: float, rng: np.ran
     return out
 
 
-def augment(arrays: list[np.ndarray], rng: np.random.Generator, jitter: float) -> list[np.ndarray]:
-    """Same random flips, in-plane 90-degree rotation and intensity jitter for every array."""
+def augment(arrays: list[np.ndarray], rng: np.random.Generator, jitter: float,
+            geometric: Sequence[np.ndarray] = ()) -> list[np.ndarray]:
+    """Same random flips, in-plane 90-degree rotation and intensity jitter for every array;
+    the arrays of ``geometric`` (loss weights) get the flips and rotation only, and follow in the result."""
     nd = arrays[0].ndim
     k = int(rng.integers(4))
     flips = [ax for ax in range(nd) if rng.random() < 0.5]
     a = float(rng.uniform(1.0 - jitter, 1.0 + jitter)) if jitter > 0 else 1.0
     b = float(rng.uniform(-jitter, jitter)) * 0.5 if jitter > 0 else 0.0
     out = []
-    for x in arrays:
+    for i, x in enumerate([*arrays, *geometric]):
         x = np.rot90(x, k, axes=(nd - 2, nd - 1))
         if flips:
             x = np.flip(x, axis=flips)
-        out.append(np.ascontiguousarray(x * np.float32(a) + np.float32(b), dtype=np.float32))
+        # arithmetic or a copy: a new array (np.ascontiguousarray keeps a flipped length-1 axis' negative stride)
+        x = x * np.float32(a) + np.float32(b) if i < len(arrays) else x.copy()
+        out.append(np.ascontiguousarray(x, dtype=np.float32))
     return out
 
 
@@ -238,6 +242,8 @@ class PatchDataset(torch.utils.data.Dataset):
             slice itself with the same noise, as a single-slice series is given to a 2.5-D model.
         disk_fraction: CT, 2-D patches: the share of samples given :func:`faint_disks` (in the
             clean patch before the noise, and in the target).
+        disk_weight: with ``disk_fraction``, the loss weight of the disks' pixels (the others
+            weigh 1); other than 1, every item also holds ``"weight"`` ``(1, *patch)``.
 
     Series are drawn in proportion to their number of slices.
     """
@@ -245,9 +251,10 @@ class PatchDataset(torch.utils.data.Dataset):
     def __init__(self, series: list[SeriesData], patch_size: Sequence[int], length: int,
                  degradation: Degradation | None = None, targets: list[SeriesData] | None = None,
                  augment: bool = True, jitter: float = 0.0, seed: int = 0, context: int = 0,
-                 single_slice_fraction: float = 0.0, disk_fraction: float = 0.0):
+                 single_slice_fraction: float = 0.0, disk_fraction: float = 0.0, disk_weight: float = 1.0):
         self.series, self.targets = series, targets
         self.disk_fraction = float(disk_fraction)
+        self.disk_weight = float(disk_weight)
         self.context = int(context)
         self.single_slice_fraction = float(single_slice_fraction)
         self.patch = tuple(int(p) for p in patch_size)
@@ -325,12 +332,24 @@ class PatchDataset(torch.utils.data.Dataset):
             inp = inp[which]
             target = target[[int(np.searchsorted(planes, z0))]] if target.shape[0] == len(planes) else target
         inp, target = inp[inner], target[inner]
+        weight = self._loss_weight(disks, target.shape, inner) if self.disk_fraction > 0 and self.disk_weight != 1.0 else None
         if self.do_augment:
-            inp, target = augment([inp, target], rng, self.jitter)
+            inp, target, *rest = augment([inp, target], rng, self.jitter, [] if weight is None else [weight])
+            weight = rest[0] if rest else None
         if planes is None:
             inp, target = inp[None], target[None]
-        return {"input": torch.from_numpy(np.ascontiguousarray(inp)),
+        item = {"input": torch.from_numpy(np.ascontiguousarray(inp)),
                 "target": torch.from_numpy(np.ascontiguousarray(target))}
+        if weight is not None:
+            item["weight"] = torch.from_numpy(np.ascontiguousarray(weight))
+        return item
+
+    def _loss_weight(self, disks: np.ndarray | None, shape: tuple[int, ...], inner: tuple[slice, ...]) -> np.ndarray:
+        """``shape`` float32: ``disk_weight`` where a disk covers the pixel, 1 elsewhere."""
+        weight = np.ones(shape, dtype=np.float32)
+        if disks is not None:
+            weight[:, disks[inner[1:]] != 0] = np.float32(self.disk_weight)
+        return weight
 
 
 def validation_set(series: list[SeriesData], patch_size: Sequence[int], n_per_series: int, crop: int,
