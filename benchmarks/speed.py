@@ -8,13 +8,19 @@ One run, side by side, on the same slices of a real CT series from ../shared/dat
   optional benchmark extra) on a few slices each.
 Prints the machine, the inputs and a table; writes ``docs/speed.md`` and ``docs/speed.png``.
 
-Usage: ``python benchmarks/speed.py [--series PATH] [--model NAME] [--bm3d-slices 2] [--nlm-slices 4]``
+``--against REV`` also times the end-to-end run of this checkout and of git revision ``REV`` (the
+previous release, say) alternately, each run in a fresh process, ``--rounds`` times each: this
+host's speed drifts between sittings, so only figures from one sitting compare.
+
+Usage: ``python benchmarks/speed.py [--series PATH] [--model NAME] [--bm3d-slices 2] [--nlm-slices 4]
+[--against REV [--rounds 3]]``
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +60,49 @@ def timed(fn, repeat: int = 1):
     return best, out
 
 
+#: One end-to-end run in a fresh process: warm-up on 4 slices, then read -> restore -> write, timed.
+_E2E_CHILD = r"""
+import sys, tempfile, time
+src, series, model, out = sys.argv[1:5]
+sys.path.insert(0, src)
+import napari_restore as nr
+if not nr.__file__.startswith(src):
+    sys.exit(f"imported {nr.__file__}, not the code under {src}")
+v = nr.load(series)[0]
+nr.restore(v.copy_with(v.array[:4]), model=model, device="cpu")
+t0 = time.perf_counter()
+r = nr.restore(nr.load(series)[0], model=model, device="cpu")
+nr.save(r, out, format="dicom", overwrite=True)
+print(f"{v.array.shape[0]} {time.perf_counter() - t0:.4f}")
+"""
+
+
+def versus(rev: str, series: Path, model: str, rounds: int, tmp: Path) -> list[tuple[str, int, float]]:
+    """End-to-end seconds of this checkout and of ``rev`` (``git archive``), alternating, each in a new process.
+
+    Returns one row per code: ``(name, slices, median seconds)``.
+    """
+    old = tmp / "rev"
+    old.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "src"], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    codes = {"this checkout": REPO / "src", rev: old / "src"}
+    times: dict[str, list[float]] = {k: [] for k in codes}
+    n = 0
+    for i in range(rounds):
+        for name, src in codes.items():
+            done = subprocess.run([sys.executable, "-c", _E2E_CHILD, str(src), str(series), model, str(tmp / f"v{i}")],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{name}: {done.stderr.strip()[-2000:]}")
+            n, t = done.stdout.split()[-2:]
+            n, t = int(n), float(t)
+            times[name].append(t)
+            print(f"  round {i + 1}: {name}: {n / t:.1f} slices/s")
+    return [(f"ours ({model}), end to end, {name} (median of {rounds}, alternating)", n, float(np.median(ts)))
+            for name, ts in times.items()]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--series", type=Path, default=DEFAULT_SERIES)
@@ -62,6 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--bm3d-slices", type=int, default=2)
     p.add_argument("--gpu", action="store_true", help="also time the model on CUDA from a preloaded tensor")
     p.add_argument("--out", type=Path, default=REPO / "docs")
+    p.add_argument("--against", metavar="REV", default=None,
+                   help="also time end to end this checkout against git revision REV, alternately, in fresh processes")
+    p.add_argument("--rounds", type=int, default=3, help="with --against: runs of each")
     args = p.parse_args(argv)
 
     print(f"machine: {machine()}")
@@ -85,6 +137,9 @@ def main(argv=None) -> int:
 
     t, _ = timed(lambda: end_to_end("cpu"), repeat=2)
     rows.append((f"ours ({card.name}), end to end: read DICOM -> restore -> write DICOM (CPU)", n, t))
+
+    if args.against:
+        rows += versus(args.against, args.series, str(model), args.rounds, tmp)
 
     if args.gpu and torch.cuda.is_available():
         from napari_restore.networks import prepare_for_inference
