@@ -81,11 +81,15 @@ def test_echo_and_find(server, shared_data, via):
     assert [r["SeriesInstanceUID"] for r in ct] == [ct_series]
     assert ct[0]["StudyInstanceUID"] == ct_study and int(ct[0]["NumberOfSeriesRelatedInstances"]) == 28
     assert pacs.find("test", description="BRAIN", via=via)[0]["SeriesInstanceUID"] == ct_series
+    for text in ("brain", "Std Brain*", "*brain 5?M"):  # case-insensitive, by either protocol
+        assert [r["SeriesInstanceUID"] for r in pacs.find("test", description=text, via=via)] == [ct_series], text
     date = ct[0]["StudyDate"]
     assert pacs.find("test", modality="CT", date=f"{date}-{date}", via=via)
     assert pacs.find("test", modality="CT", date="19000101-19000102", via=via) == []
     studies = pacs.find("test", level="study", via=via)
     assert ct_study in {r["StudyInstanceUID"] for r in studies}
+    assert [r["StudyInstanceUID"] for r in pacs.find("test", level="study", description="plain head", via=via)] \
+        == [ct_study]
 
 
 @pytest.mark.parametrize("via", ["get", "move", "wado"])

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, PacsError, PartialRetrieveError
-from .common import GetResult, Query, SendResult
+from .common import GetResult, Query, SendResult, wildcard_match
 from .config import Server, config_path, get_server, load_servers, remove_server, save_server
 
 __all__ = ["Server", "GetResult", "SendResult", "echo", "find", "get", "send", "parse_source", "fetch_source",
@@ -92,9 +92,11 @@ def find(server: str | Server, *, patient: str | None = None, patient_id: str | 
     """Studies (``level="study"``) or series (default) matching the query, newest study first.
 
     ``patient``/``description`` accept DICOM wildcards (``*``, ``?``); ``description`` matches the
-    series description (the study description at study level) anywhere in the text; ``date`` is a
+    series description (the study description at study level) anywhere in the text, in any case,
+    by either protocol (matched here: C-FIND matching of LO values is case-sensitive); ``date`` is a
     StudyDate or range ``YYYYMMDD-YYYYMMDD``. Each row is a dict of DICOM keywords (study keys on
-    series rows too). At most ``limit`` studies are queried and ``limit`` rows returned.
+    series rows too). At most ``limit`` studies are queried (``10 * limit`` with a study-level
+    ``description``) and ``limit`` rows returned.
     """
     _require()
     s = get_server(server)
@@ -107,8 +109,10 @@ def find(server: str | Server, *, patient: str | None = None, patient_id: str | 
     keys = {"PatientName": patient, "PatientID": patient_id, "StudyDate": _date(date),
             "StudyInstanceUID": study, "AccessionNumber": accession}
     if level == "study":
-        keys.update(ModalitiesInStudy=modality, StudyDescription=desc)
-    studies = query(s, "STUDY", keys, limit=limit)
+        keys.update(ModalitiesInStudy=modality)
+    studies = query(s, "STUDY", keys, limit=limit if not (desc and level == "study") else 10 * limit)
+    if desc and level == "study":
+        studies = [r for r in studies if wildcard_match(r.get("StudyDescription"), desc)]
     if modality and level == "study":  # not every server matches ModalitiesInStudy
         studies = [r for r in studies if not r.get("ModalitiesInStudy")
                    or modality.upper() in str(r["ModalitiesInStudy"]).upper().split("\\")]
@@ -119,9 +123,11 @@ def find(server: str | Server, *, patient: str | None = None, patient_id: str | 
         raise InputError(f"level {level!r}: study or series")
     rows: list[dict[str, Any]] = []
     for st in studies:
-        for se in query(s, "SERIES", {"StudyInstanceUID": st["StudyInstanceUID"], "Modality": modality,
-                                      "SeriesDescription": desc}, limit=limit):
+        for se in query(s, "SERIES", {"StudyInstanceUID": st["StudyInstanceUID"], "Modality": modality},
+                        limit=limit if not desc else 10 * limit):
             if modality and se.get("Modality") and se["Modality"].upper() != modality.upper():
+                continue
+            if desc and not wildcard_match(se.get("SeriesDescription"), desc):
                 continue
             rows.append({**st, **{k: v for k, v in se.items() if v is not None}})
             if len(rows) >= limit:

@@ -134,3 +134,12 @@ def _safe(uid: str) -> str:
 def row_value(row: dict[str, Any], key: str) -> str:
     v = row.get(key)
     return "" if v is None else str(v)
+
+
+def wildcard_match(value, pattern: str) -> bool:
+    """DICOM wildcard matching (``*``, ``?``), case-insensitive, ``^`` and spaces as in PN/LO values."""
+    import fnmatch
+
+    if value is None:
+        return False
+    return fnmatch.fnmatchcase(str(value).strip().upper(), pattern.strip().upper())

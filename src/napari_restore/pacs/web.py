@@ -4,7 +4,6 @@ credentials (HTTP basic auth) never appear in a message."""
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Cancelled, PacsError
-from .common import FileSink, Query, SendResult
+from .common import FileSink, Query, SendResult, wildcard_match as _match
 
 _TAGS = {  # keyword -> tag as QIDO-RS JSON names it
     "PatientName": "00100010", "PatientID": "00100020", "PatientBirthDate": "00100030",
@@ -92,13 +91,6 @@ def _row(item: dict[str, Any], keys: Sequence[str]) -> dict[str, Any]:
         else:
             out[k] = "\\".join(str(x) for x in v)
     return out
-
-
-def _match(value, pattern: str) -> bool:
-    """DICOM wildcard matching (``*``, ``?``), case-insensitive, ``^`` and spaces as in PN/LO values."""
-    if value is None:
-        return False
-    return fnmatch.fnmatchcase(str(value).strip().upper(), pattern.strip().upper())
 
 
 def qido(server, level: str, keys: dict[str, Any], limit: int = 1000) -> list[dict[str, Any]]:
