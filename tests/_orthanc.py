@@ -127,3 +127,19 @@ class Orthanc:
         r.raise_for_status()
         ids = [x["ID"] for x in r.json() if x["Type"] == "Series"]
         return self.rest("GET", f"/series/{ids[0]}").json() if ids else None
+
+
+def configure_server(o: Orthanc, name: str, tmp_path: Path, monkeypatch):
+    """Save a napari-restore server ``name`` for Orthanc ``o`` (config and PACS cache under ``tmp_path``,
+    credentials from environment variables); returns the :class:`napari_restore.pacs.Server`."""
+    from napari_restore import pacs
+
+    monkeypatch.setenv("NAPARI_RESTORE_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("NAPARI_RESTORE_PACS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TEST_PACS_USER", o.user)
+    monkeypatch.setenv("TEST_PACS_PASSWORD", o.password)
+    s = pacs.Server(name=name, ae_title=ORTHANC_AET, host="127.0.0.1", port=o.dicom_port, url=f"{o.url}/dicom-web",
+                    our_ae_title=OUR_AET, store_port=o.store_port, username_env="TEST_PACS_USER",
+                    password_env="TEST_PACS_PASSWORD", timeout=10)
+    pacs.save_server(s)
+    return s

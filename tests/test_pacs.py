@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from _orthanc import ORTHANC_AET, OUR_AET, Orthanc, free_port
+from _orthanc import ORTHANC_AET, OUR_AET, Orthanc, configure_server, free_port
 
 import napari_restore
 from napari_restore import pacs
@@ -48,15 +48,7 @@ def orthanc(tmp_path_factory, shared_data):
 @pytest.fixture()
 def server(orthanc, tmp_path, monkeypatch):
     """A configured server named 'test' (config file in tmp, credentials from environment variables)."""
-    monkeypatch.setenv("NAPARI_RESTORE_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.setenv("NAPARI_RESTORE_PACS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("TEST_PACS_USER", orthanc.user)
-    monkeypatch.setenv("TEST_PACS_PASSWORD", orthanc.password)
-    s = pacs.Server(name="test", ae_title=ORTHANC_AET, host="127.0.0.1", port=orthanc.dicom_port,
-                    url=f"{orthanc.url}/dicom-web", our_ae_title=OUR_AET, store_port=orthanc.store_port,
-                    username_env="TEST_PACS_USER", password_env="TEST_PACS_PASSWORD", timeout=10)
-    pacs.save_server(s)
-    return s
+    return configure_server(orthanc, "test", tmp_path, monkeypatch)
 
 
 def test_config_roundtrip_keeps_no_secret(server, orthanc):
@@ -328,13 +320,7 @@ def test_cli_batch_over_a_whole_study(shared_data, tmp_path, monkeypatch, capsys
     o = Orthanc(tmp_path / "orthanc").start()
     try:
         assert o.upload(files) == len(files) == 175
-        monkeypatch.setenv("NAPARI_RESTORE_CONFIG_DIR", str(tmp_path / "config"))
-        monkeypatch.setenv("NAPARI_RESTORE_PACS_CACHE", str(tmp_path / "cache"))
-        monkeypatch.setenv("TEST_PACS_USER", o.user)
-        monkeypatch.setenv("TEST_PACS_PASSWORD", o.password)
-        pacs.save_server(pacs.Server(name="test", ae_title=ORTHANC_AET, host="127.0.0.1", port=o.dicom_port,
-                                     url=f"{o.url}/dicom-web", our_ae_title=OUR_AET, store_port=o.store_port,
-                                     username_env="TEST_PACS_USER", password_env="TEST_PACS_PASSWORD", timeout=10))
+        configure_server(o, "test", tmp_path, monkeypatch)
         out = tmp_path / "out"
         argv = ["batch", f"pacs://test/{study}", str(out), "--device", "cpu", "--pool", "thread",
                 "--readers", "1", "--writers", "1", "--no-progress", "--send-to", "test"]

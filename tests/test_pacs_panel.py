@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from _orthanc import ORTHANC_AET, OUR_AET, Orthanc, free_port
+from _orthanc import ORTHANC_AET, Orthanc, configure_server, free_port
 
 import napari_restore
 from napari_restore import pacs
@@ -37,13 +37,7 @@ def orthanc(tmp_path_factory, shared_data):
 
 @pytest.fixture()
 def configured(orthanc, tmp_path, monkeypatch):
-    monkeypatch.setenv("NAPARI_RESTORE_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.setenv("NAPARI_RESTORE_PACS_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("TEST_PACS_USER", orthanc.user)
-    monkeypatch.setenv("TEST_PACS_PASSWORD", orthanc.password)
-    pacs.save_server(pacs.Server(name="orthanc", ae_title=ORTHANC_AET, host="127.0.0.1", port=orthanc.dicom_port,
-                                 url=f"{orthanc.url}/dicom-web", our_ae_title=OUR_AET, store_port=orthanc.store_port,
-                                 username_env="TEST_PACS_USER", password_env="TEST_PACS_PASSWORD", timeout=10))
+    configure_server(orthanc, "orthanc", tmp_path, monkeypatch)
     pacs.save_server(pacs.Server(name="down", ae_title=ORTHANC_AET, host="127.0.0.1", port=free_port(), timeout=3))
 
 
