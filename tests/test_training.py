@@ -592,6 +592,12 @@ def test_weight_interpolation_script_mixes_two_models(tmp_path):
     assert torch.equal(mixed["w"], torch.full((2, 2), 1.5)) and int(mixed["n"]) == 7
     card = json.loads((tmp_path / "out" / "card.json").read_text())
     assert card["name"] == "tuned" and card["training"]["weight_interpolation"]["from"] == "start 1.0.0"
+    # task arithmetic (how 0.3.1 was made): tuned + w x (a - b), integer buffers tuned's
+    mod.add_task_vector(tmp_path / "tuned", 0.5, tmp_path / "out", tmp_path / "start", tmp_path / "added")
+    added = torch.load(tmp_path / "added" / "model.pt", weights_only=True)
+    assert torch.equal(added["w"], torch.full((2, 2), 3.25)) and int(added["n"]) == 7  # 3 + 0.5 x (1.5 - 1)
+    arithmetic = json.loads((tmp_path / "added" / "card.json").read_text())["training"]["weight_arithmetic"]
+    assert arithmetic["plus"] == 0.5 and arithmetic["times_difference_of"] == ["tuned 1.0.0", "start 1.0.0"]
 
 
 def test_deblur_samples_draw_their_noise_from_the_series_range_and_their_psf_per_sample(shared_data, cache):
