@@ -12,7 +12,7 @@ fine-tune of START; OUT gets the interpolated ``model.pt`` and TUNED's card with
 interpolation recorded under ``training.weight_interpolation``. `denoise-ct-25d` 0.3.0 is
 ``denoise-ct-25d 0.2.0`` and its fine-tune towards cleaner targets at WEIGHT 0.25 (docs/models.md).
 `denoise-ct-25d` 0.3.1 is a fine-tune of 0.3.0 towards the scans as they are (with faint disks)
-plus 0.6 x (0.3.0 - 0.2.0): ``add TUNED 0.6 denoise-ct-25d@0.3.0 denoise-ct-25d@0.2.0`` (folders).
+plus 0.8 x (0.3.0 - 0.2.0): ``add TUNED 0.8 <0.3.0 folder> <0.2.0 folder> OUT``.
 Measure the result (``benchmarks/robustness.py --models OUT``) before shipping it: the card's
 validation figures are the fine-tune's.
 """
