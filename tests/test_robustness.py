@@ -38,6 +38,10 @@ def test_pixel_resampling_and_held_out(body_ct):
     card = next(c for c in list_models() if c.name == "denoise-ct")
     assert R.seen_by(card, "ct/philips-head-phantom/exam/S2010")
     assert not R.seen_by(card, "ct/siemens-body-j2k")
+    # a card fresh from a training run names the paths it read
+    fresh = type("Card", (), {"training_data": ["../shared/data/ct/philips-head-phantom/exam/S2010/", "/d/ct/nifti/example_ct.nii.gz"]})()
+    assert R.seen_by(fresh, "ct/philips-head-phantom/exam/S2010") and R.seen_by(fresh, "ct/nifti/example_ct.nii.gz")
+    assert not R.seen_by(fresh, "ct/philips-head-phantom/exam/S201") and not R.seen_by(fresh, "nifti/example_ct")
 
 
 def test_low_contrast_measures():

@@ -85,8 +85,12 @@ REAL_SERIES = CT_SERIES + (
 
 
 def seen_by(card: Any, rel_path: str) -> bool:
-    """Whether the model of ``card`` trained on the series ``rel_path`` (its card's training_data)."""
-    return any(str(t).split(" ")[0].rstrip("/") == rel_path.rstrip("/") for t in (card.training_data or []))
+    """Whether the model of ``card`` trained on the series ``rel_path`` (relative to the data folder),
+    by its card's training_data lines: ``"ct/... (from ...)"`` as shipped, or the path a training
+    run wrote (``"<data folder>/ct/..."``)."""
+    rel = rel_path.strip("/")
+    firsts = (str(t).split(" ")[0].rstrip("/").replace("\\", "/") for t in (card.training_data or []))
+    return any(f == rel or f.endswith("/" + rel) for f in firsts)
 
 
 def cell_seed(*key: Any) -> int:
