@@ -44,6 +44,10 @@ def add_task_vector(tuned: Path, weight: float, a: Path, b: Path, out: Path) -> 
     t, sa, sb = _load_same(tuned, a, b)
     mixed = {k: (t[k].double() + weight * (sa[k].double() - sb[k].double())).to(t[k].dtype)
              if t[k].is_floating_point() else t[k] for k in t}
+    negative = [k for k, v in mixed.items() if k.endswith("running_var") and float(v.min()) <= 0]
+    if negative:  # a variance below zero: BatchNorm would take the square root of it (NaN out)
+        sys.exit(f"{weight} x ({a} - {b}) makes BatchNorm variances <= 0 ({', '.join(negative[:3])}"
+                 f"{', ...' if len(negative) > 3 else ''}): a smaller weight, or not these models")
     card = json.loads((tuned / "card.json").read_text(encoding="utf-8"))
     card.setdefault("training", {})["weight_arithmetic"] = {
         "base": "the fine-tune this card's command trains", "plus": weight, "times_difference_of": [_name(a), _name(b)]}

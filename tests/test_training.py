@@ -598,6 +598,13 @@ def test_weight_interpolation_script_mixes_two_models(tmp_path):
     assert torch.equal(added["w"], torch.full((2, 2), 3.25)) and int(added["n"]) == 7  # 3 + 0.5 x (1.5 - 1)
     arithmetic = json.loads((tmp_path / "added" / "card.json").read_text())["training"]["weight_arithmetic"]
     assert arithmetic["plus"] == 0.5 and arithmetic["times_difference_of"] == ["tuned 1.0.0", "start 1.0.0"]
+    # a step that drives a BatchNorm variance below zero would NaN every output: refused, nothing written
+    torch.save({"w": torch.ones(2), "bn.running_var": torch.full((2,), 0.5)}, tmp_path / "tuned" / "model.pt")
+    torch.save({"w": torch.ones(2), "bn.running_var": torch.full((2,), 0.1)}, tmp_path / "out" / "model.pt")
+    torch.save({"w": torch.ones(2), "bn.running_var": torch.full((2,), 1.0)}, tmp_path / "start" / "model.pt")
+    with pytest.raises(SystemExit, match="running_var"):
+        mod.add_task_vector(tmp_path / "tuned", 1.0, tmp_path / "out", tmp_path / "start", tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_deblur_samples_draw_their_noise_from_the_series_range_and_their_psf_per_sample(shared_data, cache):
