@@ -38,6 +38,12 @@ def _name(d: Path) -> str:
     return f"{card['name']} {card['version']}"
 
 
+def _write(out: Path, weights: dict, card: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(weights, out / "model.pt")
+    (out / "card.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
+
+
 def add_task_vector(tuned: Path, weight: float, a: Path, b: Path, out: Path) -> None:
     """OUT = TUNED + ``weight`` x (A - B) on floating-point tensors (integer buffers: TUNED's);
     TUNED's card with the arithmetic recorded under ``training.weight_arithmetic``."""
@@ -51,9 +57,7 @@ def add_task_vector(tuned: Path, weight: float, a: Path, b: Path, out: Path) -> 
     card = json.loads((tuned / "card.json").read_text(encoding="utf-8"))
     card.setdefault("training", {})["weight_arithmetic"] = {
         "base": "the fine-tune this card's command trains", "plus": weight, "times_difference_of": [_name(a), _name(b)]}
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(mixed, out / "model.pt")
-    (out / "card.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
+    _write(out, mixed, card)
 
 
 def interpolate(start: Path, tuned: Path, weight: float, out: Path) -> None:
@@ -64,9 +68,7 @@ def interpolate(start: Path, tuned: Path, weight: float, out: Path) -> None:
     card.setdefault("training", {})["weight_interpolation"] = {
         "from": _name(start), "to": "the fine-tune this card's command trains",
         "weight_of_fine_tune": weight}
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(mixed, out / "model.pt")
-    (out / "card.json").write_text(json.dumps(card, indent=2), encoding="utf-8")
+    _write(out, mixed, card)
 
 
 if __name__ == "__main__":
