@@ -261,6 +261,38 @@ def test_faint_disks_go_into_every_slice_of_the_sample_and_its_target(shared_dat
         _cfg(tmp_path / "f", [shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"], disk_fraction=1.5).validate()
 
 
+def test_smoothed_samples_smooth_the_source_and_its_target_alike(shared_data, cache, tmp_path):
+    """smooth_fraction: about that share of samples has its clean planes smoothed (the same patch, less
+    detail), the input's centre slice still equal to the target; disks added after stay sharp."""
+    from scipy import ndimage as ndi
+
+    from napari_restore.training.data import PatchDataset
+
+    series = load_series([shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"], cache_dir=cache)
+    kw = dict(augment=False, seed=4, context=1)
+    plain = PatchDataset(series, (48, 48), 24, None, **kw)
+    smooth = PatchDataset(series, (48, 48), 24, None, smooth_fraction=0.5, smooth_sigma=(1.0, 2.0), **kw)
+    detail = lambda x: float(np.abs(ndi.laplace(x.astype(np.float64))).mean())
+    changed = 0
+    for i in range(24):
+        a, b = plain[i]["target"].numpy()[0], smooth[i]["target"].numpy()[0]
+        np.testing.assert_array_equal(smooth[i]["input"].numpy()[1], b)
+        if np.array_equal(a, b):
+            continue
+        changed += 1
+        assert abs(float(a.mean()) - float(b.mean())) < 0.05 * (float(np.abs(a).mean()) + 1e-3)  # the same patch
+        assert detail(b) < 0.6 * detail(a)
+    assert 4 <= changed <= 20  # about half of 24
+    both = PatchDataset(series, (48, 48), 24, None, smooth_fraction=1.0, disk_fraction=1.0, **kw)
+    edges = [detail(both[i]["target"].numpy()[0]) / max(detail(smooth[i]["target"].numpy()[0]), 1e-9)
+             for i in range(24) if not np.array_equal(plain[i]["target"].numpy(), smooth[i]["target"].numpy())]
+    assert np.median(edges) > 1.05  # the disks' one-pixel edges are not smoothed away
+    with pytest.raises(InputError, match="smooth_fraction"):
+        _cfg(tmp_path / "f", [shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"], smooth_fraction=1.5).validate()
+    with pytest.raises(InputError, match="smooth_sigma"):
+        _cfg(tmp_path / "f", [shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"], smooth_sigma=(0.0, 1.0)).validate()
+
+
 def test_disk_weight_marks_the_disks_pixels_and_weighs_them_in_the_loss(shared_data, cache, tmp_path):
     """disk_weight: a weight map that is W on the disks (after the same flips/rotation as the target), 1 elsewhere."""
     from napari_restore.training.data import PatchDataset

@@ -74,7 +74,10 @@ class TrainConfig:
         the same noise, as a single-slice series reaches the model), disk_fraction (CT, 2-D:
         share of samples given a few faint disks, 2-12 mm and 2-30 HU, in the clean patch and its
         target: lesions' stand-ins the network learns to keep; :func:`.patches.faint_disks`), disk_weight (the
-        loss weight of the disks' pixels, the others weighing 1; L1 or MSE loss), target_nlm (cleaner targets:
+        loss weight of the disks' pixels, the others weighing 1; L1 or MSE loss), smooth_fraction (2-D:
+        share of samples whose clean patch, and so its target, is smoothed by a Gaussian of SD drawn from
+        smooth_sigma pixels before the noise: anatomy as smooth as a thick-slice head CT's brain, where
+        noise blotches wider than a few pixels are noise, not texture), target_nlm (cleaner targets:
         each training slice's own noise removed by non-local means with ``h`` this multiple of
         its measured noise SD, so the network learns to remove a scan's native noise too; 0 =
         the scans as they are; :mod:`.targets`), distill_ensemble (supervised fine-tune: the
@@ -142,6 +145,8 @@ class TrainConfig:
     single_slice_fraction: float = 0.0
     disk_fraction: float = 0.0
     disk_weight: float = 1.0
+    smooth_fraction: float = 0.0
+    smooth_sigma: tuple[float, float] = (0.5, 2.0)
     target_nlm: float = 0.0
     distill_ensemble: int = 0
     distill_weight: float = 1.0
@@ -262,6 +267,10 @@ class TrainConfig:
             raise bad(f"disk_weight must be > 0, got {self.disk_weight}")
         if self.disk_weight != 1.0 and not self.disk_fraction > 0:
             raise bad(f"disk_weight {self.disk_weight} needs disk_fraction > 0")
+        if not 0.0 <= self.smooth_fraction <= 1.0:
+            raise bad(f"smooth_fraction must be in [0, 1], got {self.smooth_fraction}")
+        if not 0.0 < self.smooth_sigma[0] <= self.smooth_sigma[1]:
+            raise bad(f"smooth_sigma must be 0 < low <= high pixels, got {self.smooth_sigma}")
         if self.disk_weight != 1.0 and self.loss not in ("l1", "mse"):
             raise bad(f"disk_weight needs the l1 or mse loss, got {self.loss!r}")
         if self.distill_ensemble not in (0, *ENSEMBLE_SIZES[1:]):
@@ -448,6 +457,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         "and its target, so the network learns to keep small faint lesions")
     p.add_argument("--disk-weight", type=float, default=d.disk_weight,
                    help="with --disk-fraction: the loss weight of the disks' pixels (the others weigh 1)")
+    p.add_argument("--smooth-fraction", type=float, default=d.smooth_fraction,
+                   help="2-D: share of samples whose clean patch (and target) is Gaussian-smoothed before the noise "
+                        "(anatomy as smooth as a thick-slice head CT's)")
+    p.add_argument("--smooth-sigma", type=_floats2, default=d.smooth_sigma, metavar="LOW,HIGH",
+                   help="with --smooth-fraction: the smoothing Gaussian's SD range, pixels")
     p.add_argument("--target-nlm", type=float, default=d.target_nlm, metavar="H",
                    help="supervised: learn the scans without their own noise (non-local means per slice, "
                         "h = H x the slice's measured noise SD, e.g. 0.8; 0 = the scans as they are)")

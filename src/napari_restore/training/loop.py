@@ -232,6 +232,8 @@ class _Run:
         if cfg.disk_fraction and (self.modality != "CT" or cfg.mode != "supervised" or cfg.dims != 2):
             raise InputError("disk_fraction is for supervised 2-D / 2.5-D CT training, got "
                              f"{self.modality} {cfg.mode} {cfg.dims}-D")
+        if cfg.smooth_fraction and (cfg.mode != "supervised" or cfg.dims != 2):
+            raise InputError(f"smooth_fraction is for supervised 2-D / 2.5-D training, got {cfg.mode} {cfg.dims}-D")
         if cfg.reslice:
             if self.modality == "CT" and cfg.task == "denoise":
                 raise InputError("reslice is not for CT denoising: its noise is simulated in the axial plane")
@@ -305,7 +307,8 @@ class _Run:
         self.dataset = PatchDataset(self.train_series, cfg.patch_size, per_rank * self.info.world_size,
                                     self.degradation, self.train_targets, cfg.augment, cfg.jitter, cfg.seed,
                                     context=self.context, single_slice_fraction=cfg.single_slice_fraction,
-                                    disk_fraction=cfg.disk_fraction, disk_weight=cfg.disk_weight)
+                                    disk_fraction=cfg.disk_fraction, disk_weight=cfg.disk_weight,
+                                    smooth_fraction=cfg.smooth_fraction, smooth_sigma=cfg.smooth_sigma)
         self.sampler = None
         if self.info.distributed:
             self.sampler = torch.utils.data.DistributedSampler(self.dataset, self.info.world_size, self.info.rank,

@@ -244,6 +244,9 @@ class PatchDataset(torch.utils.data.Dataset):
             clean patch before the noise, and in the target).
         disk_weight: with ``disk_fraction``, the loss weight of the disks' pixels (the others
             weigh 1); other than 1, every item also holds ``"weight"`` ``(1, *patch)``.
+        smooth_fraction, smooth_sigma: 2-D patches: the share of samples whose clean planes
+            are smoothed in-plane by a Gaussian of SD drawn from ``smooth_sigma`` (pixels) before
+            the noise (and any disks: they stay sharp), the target with them.
 
     Series are drawn in proportion to their number of slices.
     """
@@ -251,8 +254,10 @@ class PatchDataset(torch.utils.data.Dataset):
     def __init__(self, series: list[SeriesData], patch_size: Sequence[int], length: int,
                  degradation: Degradation | None = None, targets: list[SeriesData] | None = None,
                  augment: bool = True, jitter: float = 0.0, seed: int = 0, context: int = 0,
-                 single_slice_fraction: float = 0.0, disk_fraction: float = 0.0, disk_weight: float = 1.0):
+                 single_slice_fraction: float = 0.0, disk_fraction: float = 0.0, disk_weight: float = 1.0,
+                 smooth_fraction: float = 0.0, smooth_sigma: tuple[float, float] = (0.5, 2.0)):
         self.series, self.targets = series, targets
+        self.smooth_fraction, self.smooth_sigma = float(smooth_fraction), tuple(float(v) for v in smooth_sigma)
         self.disk_fraction = float(disk_fraction)
         self.disk_weight = float(disk_weight)
         self.context = int(context)
@@ -285,6 +290,7 @@ class PatchDataset(torch.utils.data.Dataset):
         planes = None
         src_shape = None
         disks = None
+        smoothed = False
         if len(self.patch) == 2:
             z0 = int(rng.integers(nz))
             ph, pw = self.patch
@@ -300,6 +306,10 @@ class PatchDataset(torch.utils.data.Dataset):
                 planes, which = np.unique(mirror_indices(z0 - self.context, 2 * self.context + 1, nz), return_inverse=True)
             clean = np.stack([_resize(_crop(rec.array[z], starts, src), sizes) for z in planes])
             src_shape = src if zoom != 1.0 else None
+            smoothed = self.smooth_fraction > 0 and rng.uniform() < self.smooth_fraction
+            if smoothed:
+                sd = float(rng.uniform(*self.smooth_sigma))
+                clean = ndi.gaussian_filter(clean, (0.0, sd, sd), mode="reflect").astype(np.float32)
             if self.disk_fraction > 0 and rng.uniform() < self.disk_fraction:
                 disks = faint_disks(sizes, rec.spacing[2] / zoom, float(rec.scale), rng)
                 clean = clean + disks
@@ -324,6 +334,8 @@ class PatchDataset(torch.utils.data.Dataset):
             if rec.target is not None:  # the scan without its own noise
                 target = (np.stack([_resize(_crop(rec.target[z], starts, src), sizes) for z in planes])
                           if planes is not None else _crop(rec.target, (z0, *starts), (pd_, *sizes)))
+                if planes is not None and smoothed:
+                    target = ndi.gaussian_filter(target, (0.0, sd, sd), mode="reflect").astype(np.float32)
                 if disks is not None:
                     target = target + disks
         else:  # self-supervised
