@@ -198,3 +198,32 @@ def test_leftovers_of_a_live_writer_are_kept(tmp_path):
         proc.kill()
         proc.wait()
     assert clear_dead_siblings(tmp_path / "out.nii.gz") == [live]
+
+
+def test_parent_folder_made_by_a_concurrent_writer_is_used(tmp_path, monkeypatch):
+    """Two batch ranks writing into the same new study folder: the one that loses the race to
+    create it still writes (a two-rank torchrun batch failed with 'File exists' before)."""
+    from napari_restore.io.atomic import atomic_file
+
+    parent = tmp_path / "ddp" / "studyA"
+    real_mkdir = Path.mkdir
+
+    raced = []
+
+    def other_rank_first(self, *args, **kwargs):
+        if self == parent and not raced:
+            raced.append(self)
+            os.makedirs(self)  # the other rank wins the race
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", other_rank_first)
+    with atomic_file(parent / "ts.nii.gz") as tmp:
+        tmp.write_bytes(b"x")
+    assert raced and (parent / "ts.nii.gz").read_bytes() == b"x"
+
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+    (tmp_path / "blocked").write_bytes(b"a file where a folder should be")
+    with pytest.raises(OutputError) as info:
+        with atomic_file(tmp_path / "blocked" / "out.nii.gz") as tmp:
+            tmp.write_bytes(b"x")
+    assert "parent folder" in str(info.value) and "blocked" in str(info.value)

@@ -291,6 +291,9 @@ def test_smoothed_samples_smooth_the_source_and_its_target_alike(shared_data, ca
         _cfg(tmp_path / "f", [shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"], smooth_fraction=1.5).validate()
     with pytest.raises(InputError, match="smooth_sigma"):
         _cfg(tmp_path / "f", [shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"], smooth_sigma=(0.0, 1.0)).validate()
+    with pytest.raises(InputError, match="smooth_fraction is for supervised 2-D"):
+        _cfg(tmp_path / "f", [shared_data / "ct" / "nifti" / "example_ct_sm.nii.gz"], smooth_fraction=0.3, patch_size=(32, 32, 32),
+             dims=3).validate()
 
 
 def test_disk_weight_marks_the_disks_pixels_and_weighs_them_in_the_loss(shared_data, cache, tmp_path):
@@ -359,6 +362,9 @@ def test_cleaner_targets_take_out_the_scans_own_noise(shared_data, cache, tmp_pa
     np.testing.assert_array_equal(val["target"][0], cleaned.target[1, 224:288, 224:288])
     with pytest.raises(InputError, match="target_nlm"):
         _cfg(tmp_path / "bad", [shared_data / "ct" / "siemens-body-j2k"], target_nlm=-1.0).validate()
+    with pytest.raises(InputError, match="target_nlm .* supervised training, not self-supervised"):
+        _cfg(tmp_path / "bad", [shared_data / "ct" / "siemens-body-j2k"], target_nlm=0.8,
+             mode="self-supervised").validate()
     ct = shared_data / "ct" / "nifti"
     res = train(_cfg(tmp_path / "run", [ct / "example_ct_sm.nii.gz"], val_data=[str(ct / "cta_aorta_cropped.nii.gz")],
                      target_nlm=0.8, epochs=1, steps_per_epoch=2, cache_dir=str(cache), ct_noise_hu=(10.0, 40.0)))

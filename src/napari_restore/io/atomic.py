@@ -23,11 +23,10 @@ def _check_target(target: Path, overwrite: bool) -> None:
     if target.exists() and not overwrite:
         raise OutputError("exists already; pass overwrite=True (--overwrite) to replace it", target)
     parent = target.parent
-    if not parent.exists():
-        try:
-            parent.mkdir(parents=True)
-        except OSError as exc:
-            raise OutputError(f"cannot create the parent folder: {exc.strerror or exc}", parent) from None
+    try:  # exist_ok: another writer (a batch rank) may create it between any check and this call
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # includes a file where the folder should be
+        raise OutputError(f"cannot create the parent folder: {exc.strerror or exc}", parent) from None
     if not os.access(parent, os.W_OK):
         raise OutputError("folder is not writable", parent)
 

@@ -271,6 +271,10 @@ class TrainConfig:
             raise bad(f"smooth_fraction must be in [0, 1], got {self.smooth_fraction}")
         if not 0.0 < self.smooth_sigma[0] <= self.smooth_sigma[1]:
             raise bad(f"smooth_sigma must be 0 < low <= high pixels, got {self.smooth_sigma}")
+        if self.smooth_fraction and (self.mode != "supervised" or self.dims != 2):
+            raise bad(f"smooth_fraction is for supervised 2-D / 2.5-D training, got {self.mode} {self.dims}-D")
+        if self.target_nlm and self.mode != "supervised":
+            raise bad(f"target_nlm (cleaner targets) is for supervised training, not {self.mode}")
         if self.disk_weight != 1.0 and self.loss not in ("l1", "mse"):
             raise bad(f"disk_weight needs the l1 or mse loss, got {self.loss!r}")
         if self.distill_ensemble not in (0, *ENSEMBLE_SIZES[1:]):

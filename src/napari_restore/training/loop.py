@@ -232,8 +232,6 @@ class _Run:
         if cfg.disk_fraction and (self.modality != "CT" or cfg.mode != "supervised" or cfg.dims != 2):
             raise InputError("disk_fraction is for supervised 2-D / 2.5-D CT training, got "
                              f"{self.modality} {cfg.mode} {cfg.dims}-D")
-        if cfg.smooth_fraction and (cfg.mode != "supervised" or cfg.dims != 2):
-            raise InputError(f"smooth_fraction is for supervised 2-D / 2.5-D training, got {cfg.mode} {cfg.dims}-D")
         if cfg.reslice:
             if self.modality == "CT" and cfg.task == "denoise":
                 raise InputError("reslice is not for CT denoising: its noise is simulated in the axial plane")
@@ -245,8 +243,6 @@ class _Run:
         if cfg.target_nlm:
             from .targets import denoised_targets
 
-            if cfg.mode != "supervised":
-                raise InputError(f"target_nlm (cleaner targets) is for supervised training, not {cfg.mode}")
             self.train_series = denoised_targets(self.train_series, cfg.target_nlm, cfg.cache_dir)
             self.val_series = denoised_targets(self.val_series, cfg.target_nlm, cfg.cache_dir)
         if init_card is not None and init_card.modality not in ("any", self.modality):
